@@ -1,0 +1,242 @@
+"""Typed job configuration: YAML file + ``--set dotted.key=value`` overrides.
+
+Every model forbids unknown keys, so a typo fails loudly instead of being
+ignored. The Ray driver sends ``cfg.model_dump()`` to workers, which validate
+it again with :func:`Config.model_validate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from zsaq_dist.errors import ConfigError
+
+DEMO_MODEL = "demo:smollm2-135m-instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(_Strict):
+    path: str = Field(description="local HF directory, a .gguf file, a hub id, or 'demo:smollm2-135m-instruct'")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+class WeightQuantCfg(_Strict):
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+    observer: Literal["minmax", "mse"] = "minmax"
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if not 2 <= v <= 8:
+            raise ValueError(f"weights.bits={v} is not supported: use an integer from 2 to 8")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError("group_size must be a positive integer, or null for per-channel scales")
+        return v
+
+
+class ActQuantCfg(_Strict):
+    bits: int = 8
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v != 8:
+            raise ValueError(
+                f"activations.bits={v}: the int-quantized format holds 8-bit dynamic per-token "
+                "activations only; use bits: 8, or activations: null for weight-only"
+            )
+        return v
+
+
+class QuantCfg(_Strict):
+    weights: WeightQuantCfg = WeightQuantCfg()
+    activations: ActQuantCfg | None = None
+    targets: list[str] = ["Linear"]
+    ignore: list[str] = ["lm_head"]
+
+    @model_validator(mode="after")
+    def _format_fits(self) -> QuantCfg:
+        if self.activations is not None:
+            if self.weights.bits != 8 and self.weights.group_size is None:
+                raise ValueError(
+                    f"W{self.weights.bits}A8 per-channel is not a compressed-tensors format: "
+                    "use weights.bits: 8 (int-quantized W8A8) or give weights.group_size"
+                )
+            if self.weights.bits == 8 and self.weights.group_size is not None:
+                raise ValueError(
+                    "W8A8 (int-quantized) uses per-channel weight scales: set weights.group_size: null"
+                )
+            if self.weights.bits == 8 and not self.weights.symmetric:
+                raise ValueError("W8A8 (int-quantized) weights are symmetric: set weights.symmetric: true")
+        return self
+
+    @property
+    def format(self) -> str:
+        """The compressed-tensors format the export writes."""
+        if self.activations is not None and self.weights.bits == 8:
+            return "int-quantized"
+        return "pack-quantized"
+
+
+class GeneratorCfg(_Strict):
+    mode: Literal["adversarial", "self_sample", "noise"] = "adversarial"
+    lr: float = 1e-3
+    radius: float = Field(0.1, ge=0.0, description="max perturbation relative to the embedding norm")
+    noise_dim: int = 64
+    hidden_dim: int = 128
+    student_steps_per_generator_step: int = Field(1, ge=1)
+    lambda_nat: float = Field(0.1, ge=0.0)
+    lambda_gm: float = Field(0.0, ge=0.0)
+    lambda_div: float = Field(0.0, ge=0.0)
+    rho_z: float = Field(0.05, ge=0.0)
+
+
+class SeedDataCfg(_Strict):
+    num_sequences: int = Field(64, ge=1)
+    greedy_tokens: int = Field(3, ge=0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int | None = 50
+    cache_dir: str | None = None
+    seed_model: str | None = Field(None, description="a smaller LM sharing the tokenizer; default: the teacher")
+
+
+class MethodCfg(_Strict):
+    name: Literal["rtn", "zsaq", "self_sample", "noise"] = "zsaq"
+    steps: int = Field(100, ge=0, description="student optimizer steps")
+    seed: int = 0
+    batch_size: int = Field(8, ge=1, description="global batch (all workers together)")
+    seq_len: int = Field(128, ge=2)
+    lr: float = Field(1e-5, ge=0.0)
+    scale_lr: float = Field(1e-4, ge=0.0)
+    learnable_scales: bool = True
+    weight_decay: float = Field(0.0, ge=0.0)
+    rho: float = Field(0.05, ge=0.0, description="SAM radius; 0 = plain AdamW")
+    adaptive_sam: bool = False
+    ascent: bool = Field(True, description="false freezes the generator (ablation)")
+    tau: float = Field(1.0, gt=0.0)
+    lambda_hidden: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float | None = 1.0
+    generator: GeneratorCfg = GeneratorCfg()
+    seed_data: SeedDataCfg = SeedDataCfg()
+    log_every: int = Field(1, ge=1)
+
+
+class DistCfg(_Strict):
+    launcher: Literal["ray", "local"] = Field(
+        "ray", description="ray: Ray Train workers (embedded Ray if no cluster); local: this process only"
+    )
+    num_workers: int = Field(1, ge=1)
+    zero_stage: int = Field(0, ge=0, le=3)
+    use_gpu: bool = False
+    address: str | None = None
+    resources_per_worker: dict[str, float] | None = None
+    checkpoint_every: int = Field(0, ge=0, description="0 = no intermediate checkpoints")
+    max_failures: int = Field(0, ge=-1)
+    fail_at_step: int | None = Field(None, description="fault injection for tests: kill a worker at this step once")
+    storage_path: str | None = None
+
+
+class OutputCfg(_Strict):
+    dir: str
+    max_shard_size: str = "2GB"
+    overwrite: bool = False
+
+
+class EvalCfg(_Strict):
+    text: str | None = Field(None, description="a text file; default: stdlib pydoc_data.topics prose")
+    seq_len: int = Field(512, ge=2)
+    max_tokens: int | None = Field(16384, ge=2)
+    batch_size: int = Field(4, ge=1)
+
+
+class Config(_Strict):
+    model: ModelCfg
+    quant: QuantCfg = QuantCfg()
+    method: MethodCfg = MethodCfg()
+    dist: DistCfg = DistCfg()
+    output: OutputCfg
+    eval: EvalCfg | None = None
+
+    def hash(self) -> str:
+        """Stable hash of everything that changes the result (not where it is written)."""
+        d = self.model_dump(mode="json", exclude={"output": True, "eval": True})
+        d["dist"] = {k: d["dist"][k] for k in ("zero_stage",)}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = cur[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: '{k}' is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings; values are parsed as YAML (``4``, ``null``, ``[a, b]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set quant.weights.bits=3")
+        key, val = item.split("=", 1)
+        _set_dotted(raw, key.strip(), yaml.safe_load(val))
+    return raw
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against the config reference in README.md)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(raw: dict[str, Any], source: str = "") -> Config:
+    """Validate a raw dict into a :class:`Config`, raising :class:`ConfigError` with readable messages."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe, apply overrides, validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found: pass the path of a YAML recipe, e.g. configs/quickstart.yaml")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p} must hold a mapping at the top level (model:, quant:, method:, output:)")
+    return validate(apply_overrides(raw, overrides or []), str(p))

@@ -1,0 +1,51 @@
+"""Evaluation text: the Python reference prose shipped in the standard library, or a user's file.
+
+This text is for EVALUATION only (perplexity, KL to the teacher). The method is
+zero-shot: nothing here may ever be used for calibration or training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from zsaq_dist.errors import ConfigError
+
+
+def _stdlib_prose() -> str:
+    """The texts of ``pydoc_data.topics`` joined in sorted key order (~460k characters).
+
+    Deterministic for a given Python version; the prose changes a little between
+    Python releases, so compare numbers measured with the same interpreter.
+    """
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key].strip() for key in sorted(topics))
+
+
+def load_eval_text(path: str | None = None) -> str:
+    """The evaluation text: the UTF-8 file at ``path``, or by default the stdlib ``pydoc_data.topics`` prose."""
+    if path is None:
+        return _stdlib_prose()
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(
+            f"evaluation text file {p} not found: give eval.text the path of a UTF-8 text file, "
+            "or leave it null to use the built-in Python reference prose"
+        )
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"evaluation text file {p} is not UTF-8 ({err}): convert it, e.g. iconv -t utf-8") from None
+    if not text.strip():
+        raise ConfigError(f"evaluation text file {p} is empty: give a file with some prose in it")
+    return text
+
+
+def encode_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.LongTensor:
+    """Token ids of ``text`` as a 1-D LongTensor, without special tokens, truncated to ``max_tokens``."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return torch.tensor(ids, dtype=torch.long)

@@ -1,0 +1,85 @@
+"""``QuantLinear``: an ``nn.Linear`` whose forward fake-quantizes its weight (and optionally its input).
+
+It re-uses the original ``weight`` Parameter object (peft's ``_replace_module``
+habit), so state-dict keys and optimizer/DeepSpeed bookkeeping are unchanged;
+the quantizer state uses the compressed-tensors names ``weight_scale`` and
+``weight_zero_point`` so that export is a lookup.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zsaq_dist.quant.qparams import init_qparams
+from zsaq_dist.quant.ste import fake_quant_act_per_token, fake_quant_weight, quantize_weight
+
+
+class QuantLinear(nn.Linear):
+    """Linear layer with straight-through fake quantization of its weight.
+
+    Attributes:
+        bits, group_size, symmetric: the weight quantizer.
+        act_bits: bits of the dynamic per-token input quantizer, or None.
+        weight_scale: (out, groups) Parameter; trainable when ``learnable_scales``.
+        weight_zero_point: (out, groups) int8 buffer (asymmetric only), else None.
+        frozen: after :func:`zsaq_dist.quant.convert`, ``weight`` already holds its
+            dequantized value and the forward skips the weight quantizer.
+    """
+
+    def __init__(self, *args, **kwargs):  # pragma: no cover - always built by from_linear
+        raise TypeError("build QuantLinear with QuantLinear.from_linear(linear, ...)")
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        bits: int,
+        group_size: int | None,
+        symmetric: bool = True,
+        act_bits: int | None = None,
+        observer: str = "minmax",
+        learnable_scales: bool = False,
+    ) -> QuantLinear:
+        """Wrap ``linear`` (sharing its weight and bias Parameters) with scales initialised by ``observer``."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        new.bits, new.group_size, new.symmetric, new.act_bits = bits, group_size, symmetric, act_bits
+        new.frozen = False
+        scale, zp = init_qparams(linear.weight.detach(), bits, group_size, symmetric, observer)
+        new.weight_scale = nn.Parameter(scale.to(linear.weight.dtype), requires_grad=learnable_scales)
+        new.register_buffer("weight_zero_point", zp)
+        return new
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Quantize-dequantized weight (O, I), differentiable through the STE."""
+        if self.frozen:
+            return self.weight
+        return fake_quant_weight(self.weight, self.weight_scale, self.weight_zero_point, self.bits)
+
+    @torch.no_grad()
+    def int_weight(self) -> torch.Tensor:
+        """Integer codes (O, I) as int8, exactly what the export packs."""
+        return quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.bits).to(torch.int8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.act_bits is not None:
+            x = fake_quant_act_per_token(x, self.act_bits)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the dequantized weight (drops any activation quantizer)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight = nn.Parameter(self.quantized_weight().detach().clone(), requires_grad=False)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return lin
+
+    def extra_repr(self) -> str:  # noqa: D102
+        g = "channel" if self.group_size is None else f"g{self.group_size}"
+        a = f", a{self.act_bits}" if self.act_bits else ""
+        sym = "sym" if self.symmetric else "asym"
+        return f"{super().extra_repr()}, w{self.bits} {g} {sym}{a}"
