@@ -104,6 +104,7 @@ class GeneratorCfg(_Strict):
     hidden_dim: int = 128
     student_steps_per_generator_step: int = Field(1, ge=1)
     lambda_nat: float = Field(0.1, ge=0.0)
+    r_nat: Literal["nll", "norm"] = Field("nll", description="teacher NLL of its argmax continuation, or embedding-norm penalty")
     lambda_gm: float = Field(0.0, ge=0.0)
     lambda_div: float = Field(0.0, ge=0.0)
     rho_z: float = Field(0.05, ge=0.0)

@@ -45,7 +45,7 @@ def load_eval_text(path: str | None = None) -> str:
 
 def encode_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.LongTensor:
     """Token ids of ``text`` as a 1-D LongTensor, without special tokens, truncated to ``max_tokens``."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     return torch.tensor(ids, dtype=torch.long)

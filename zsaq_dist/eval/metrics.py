@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from zsaq_dist.errors import ConfigError
+
 
 def windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
     """Non-overlapping windows of ``seq_len`` tokens; the last may be shorter but has >= 2 tokens."""
@@ -70,7 +72,9 @@ def evaluate(
     """
     wins = windows(ids, seq_len)
     if not wins:
-        raise ValueError(f"need at least 2 tokens to evaluate, got {ids.numel()}")
+        raise ConfigError(
+            f"the evaluation text has {ids.numel()} token(s), at least 2 are needed: give a longer eval.text"
+        )
     nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
     for batch in tqdm(_batches(wins, batch_size), desc="eval", unit="batch", disable=not progress):
         x = torch.stack(batch).to(_device(model))  # (B, T)

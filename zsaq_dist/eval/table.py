@@ -38,7 +38,9 @@ def format_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
 
     def line(cells: list[str]) -> str:
         # the name column is left-aligned, numbers right-aligned
-        return " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return " | ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
 
     rule = "-+-".join("-" * w for w in widths)
     return "\n".join([line(table[0]), rule, *(line(r) for r in table[1:])])

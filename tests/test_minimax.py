@@ -1,0 +1,260 @@
+"""The SAM-SGA game: who gets gradients, ascent/descent signs, GM gradients, reproducibility, modes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from zsaq_dist.config import MethodCfg, QuantCfg, validate
+from zsaq_dist.minimax import losses
+from zsaq_dist.minimax.generator import Generator, embedding_stats, noise, noise_inputs
+from zsaq_dist.minimax.step import (
+    generator_ascent_step,
+    generator_objective,
+    sam_student_step,
+    seed_embeddings,
+    student_loss,
+    teacher_targets,
+    torch_mechanics,
+)
+from zsaq_dist.minimax.student import freeze, make_optimizer, make_student, student_params
+from zsaq_dist.minimax.trainer import plot_history, train
+
+QUANT = QuantCfg.model_validate({"weights": {"bits": 3, "group_size": 16}})
+
+
+def _setup(gm=0.0, div=0.0, nat=0.1, r_nat="nll", learnable=True):
+    teacher = freeze(make_tiny_llama(hidden=32))
+    student = make_student(teacher, QUANT, learnable_scales=learnable)
+    cfg = MethodCfg.model_validate(
+        {
+            "lr": 1e-4,
+            "scale_lr": 1e-5,
+            "seq_len": 8,
+            "generator": {
+                "lambda_gm": gm,
+                "lambda_div": div,
+                "lambda_nat": nat,
+                "r_nat": r_nat,
+                "noise_dim": 8,
+                "hidden_dim": 16,
+                "radius": 0.5,
+                "lr": 0.05,
+            },
+        }
+    )
+    torch.manual_seed(0)
+    gen = Generator(32, 8, 16, 0.5)
+    ids = torch.randint(0, 128, (3, 8), generator=torch.Generator().manual_seed(1))
+    e = seed_embeddings(teacher, ids)
+    z = noise(0, 0, range(3), (8, 8))
+    return teacher, student, gen, cfg, e, z
+
+
+def _no_grads(model):
+    return all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("gm,div,r_nat", [(0.0, 0.0, "nll"), (0.5, 0.5, "norm")])
+def test_generator_phase_only_generator_gets_grads(gm, div, r_nat):
+    teacher, student, gen, cfg, e, z = _setup(gm, div, r_nat=r_nat)
+    opt = torch.optim.Adam(gen.parameters(), lr=1e-3, maximize=True)
+    obj = lambda: generator_objective(teacher, student, gen, z, e, cfg)  # noqa: E731
+    params = list(gen.parameters())
+    obj()[0].backward(inputs=params)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert _no_grads(teacher) and _no_grads(student)
+    opt.zero_grad()
+    m = generator_ascent_step(obj, params, opt, grad_clip=1.0)
+    assert _no_grads(teacher) and _no_grads(student)
+    assert ("gm" in m) == (gm > 0) and ("div" in m) == (div > 0)
+
+
+def test_student_phase_only_student_gets_grads():
+    teacher, student, gen, cfg, e, z = _setup()
+    with torch.no_grad():
+        x = gen(z, e)
+    target = teacher_targets(teacher, x, cfg)
+    student_loss(student, x, target, cfg)[0].backward()
+    weights, scales = student_params(student)
+    assert weights and scales
+    assert all(p.grad is not None for p in weights + scales)
+    trainable = {id(p) for p in weights + scales}
+    assert all(p.grad is None for p in student.parameters() if id(p) not in trainable)
+    assert _no_grads(teacher) and _no_grads(gen)
+    # without learnable scales the scales take no gradient
+    _, s2, *_ = _setup(learnable=False)
+    assert student_params(s2)[1] == [] and not any(m.requires_grad for n, m in s2.named_parameters() if "scale" in n)
+
+
+def test_generator_ascent_increases_kl_for_fixed_student():
+    teacher, student, gen, cfg, e, z = _setup(nat=0.0)
+    params = list(gen.parameters())
+    opt = torch.optim.Adam(params, lr=0.05, maximize=True)
+
+    def kl_now():
+        with torch.no_grad():
+            return generator_objective(teacher, student, gen, z, e, cfg)[1]["gen_kl"]
+
+    before = kl_now()
+    for _ in range(3):
+        generator_ascent_step(lambda: generator_objective(teacher, student, gen, z, e, cfg), params, opt)
+    assert kl_now() > before * 1.05
+    assert _no_grads(student) and _no_grads(teacher)
+
+
+def test_student_sam_step_decreases_kl_on_fixed_inputs():
+    teacher, student, gen, cfg, e, z = _setup()
+    with torch.no_grad():
+        x = gen(z, e)
+    target = teacher_targets(teacher, x, cfg)
+    weights, scales = student_params(student)
+    opt = make_optimizer(weights, scales, cfg)
+    mech = torch_mechanics(opt, weights, grad_clip=1.0)
+    before = student_loss(student, x, target, cfg)[1]["kl"]
+    for _ in range(3):
+        m = sam_student_step(lambda: student_loss(student, x, target, cfg), mech, rho=0.05)
+    assert m["sam_loss"] > 0 and m["grad_norm"] > 0
+    assert student_loss(student, x, target, cfg)[1]["kl"] < 0.9 * before
+
+
+def test_generator_radius_bound():
+    torch.manual_seed(0)
+    gen = Generator(16, 4, 32, radius=0.2)
+    with torch.no_grad():
+        gen.adapter[2].weight.mul_(100)  # saturate tanh
+    e = torch.randn(2, 5, 16) * 0.03
+    x = gen(torch.randn(2, 5, 4), e)
+    ratio = (x - e).norm(dim=-1) / e.norm(dim=-1)
+    assert ratio.max() <= 0.2 + 1e-6 and ratio.max() > 0.1
+
+
+def test_noise_rows_do_not_depend_on_batch_split():
+    full = noise(7, 3, range(0, 6), (4, 2))
+    assert torch.equal(full[2:5], noise(7, 3, range(2, 5), (4, 2)))
+    assert not torch.equal(full, noise(7, 4, range(0, 6), (4, 2)))
+    stats = embedding_stats(torch.randn(50, 4) * 3 + 1)
+    x = noise_inputs(stats, 0, 0, range(200), 16)
+    torch.testing.assert_close(x.mean((0, 1)), stats[0], atol=0.1, rtol=0.1)
+
+
+def test_gm_kl_diversity_gradients_against_finite_differences():
+    g = torch.Generator().manual_seed(0)
+    shape_h, shape_v = (2, 3, 4), (2, 3, 5)
+
+    def inputs(*shapes):
+        return [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+
+    h, sl, tl, h2, sl2, tl2 = inputs(shape_h, shape_v, shape_v, shape_h, shape_v, shape_v)
+
+    def gm(h, sl, tl, h2, sl2, tl2):
+        return losses.gradient_match(h, _dlogit(sl, tl), h2, _dlogit(sl2, tl2))
+
+    def _dlogit(s, t):  # float64 version of losses.logit_grad
+        return torch.softmax(s / 2.0, -1) - torch.softmax(t / 2.0, -1)
+
+    assert torch.autograd.gradcheck(gm, (h, sl, tl, h2, sl2, tl2))
+    assert torch.autograd.gradcheck(lambda h, s, t: losses.diversity(h, _dlogit(s, t)), (h, sl, tl))
+    # identical neighbours match perfectly
+    d = _dlogit(sl, tl)
+    torch.testing.assert_close(losses.gradient_match(h, d, h, d), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_kl_is_tau_squared_scaled_and_zero_at_equality():
+    t = torch.randn(2, 3, 7)
+    assert losses.kl(t, t, tau=2.0).abs() < 1e-7
+    s = torch.randn(2, 3, 7)
+    ref = (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(s / 2, -1), torch.log_softmax(t / 2, -1), log_target=True, reduction="none"
+        )
+        .sum(-1)
+        .mean()
+        * 4
+    )
+    torch.testing.assert_close(losses.kl(s, t, tau=2.0), ref)
+
+
+def _cfg(tmp_path, **method):
+    base = {
+        "steps": 3,
+        "batch_size": 2,
+        "seq_len": 8,
+        "lr": 1e-3,
+        "seed": 5,
+        "generator": {"noise_dim": 8, "hidden_dim": 16, "lambda_gm": 0.1, "lambda_div": 0.1},
+        "seed_data": {"num_sequences": 4, "cache_dir": str(tmp_path / "seed")},
+    }
+    for k, v in method.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) else v
+    return validate(
+        {
+            "model": {"path": "tiny"},
+            "output": {"dir": str(tmp_path / "out")},
+            "quant": QUANT.model_dump(),
+            "method": base,
+        }
+    )
+
+
+def _run(cfg):
+    teacher = make_tiny_llama(hidden=32)
+    student = make_student(teacher, cfg.quant, cfg.method.learnable_scales)
+    hist = train(teacher, student, None, cfg, progress=False)
+    return hist, student, teacher
+
+
+def test_seeded_runs_reproduce_exactly(tmp_path):
+    cfg = _cfg(tmp_path)
+    h1, s1, teacher = _run(cfg)
+    h2, s2, _ = _run(cfg)
+    for k in ("loss", "kl", "sam_loss", "gen_obj", "gen_kl", "lr"):
+        assert h1[k] == h2[k], k
+    assert all(torch.equal(a, b) for a, b in zip(s1.parameters(), s2.parameters(), strict=True))
+    assert _no_grads(teacher) and all(p.grad is None for p in s1.parameters())
+    assert len(h1["loss"]) == 3 and all(v is not None for v in h1["gen_obj"])
+    json.dumps({k: v for k, v in h1.items()})  # goes into zsaq_report.json as is
+    png = plot_history(h1, str(tmp_path / "curves.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "method,mode",
+    [
+        ({"name": "self_sample"}, "self_sample"),
+        ({"name": "noise"}, "noise"),
+        ({"ascent": False}, "adversarial"),
+        ({"generator": {"student_steps_per_generator_step": 2}}, "adversarial"),
+    ],
+)
+def test_modes_train(tmp_path, method, mode):
+    cfg = _cfg(tmp_path, **method)
+    hist, student, _ = _run(cfg)
+    assert hist["mode"] == mode and len(hist["kl"]) == 3
+    gen_steps = sum(v is not None for v in hist["gen_obj"])
+    expected = {"self_sample": 0, "noise": 0}.get(mode, 0 if method.get("ascent") is False else None)
+    if expected is None:
+        expected = 3 if "generator" not in method else 2
+    assert gen_steps == expected
+
+
+def test_rtn_does_not_train(tmp_path):
+    hist, student, teacher = _run(_cfg(tmp_path, name="rtn"))
+    assert hist["loss"] == [] and hist["total_seconds"] == 0.0
+
+
+def test_core_does_not_import_deepspeed_or_ray():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('deepspeed', 'ray'): raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import zsaq_dist.optim, zsaq_dist.minimax.trainer, zsaq_dist.data.seed\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

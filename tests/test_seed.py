@@ -1,0 +1,74 @@
+"""Zero-shot seed sequences: per-sample determinism, slices, greedy prefix, special tokens, disk cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from zsaq_dist.config import SeedDataCfg
+from zsaq_dist.data import seed as seed_mod
+from zsaq_dist.data.seed import cache_key, generate_seed_tokens, load_or_generate, model_fingerprint, sample_seed
+
+CFG = SeedDataCfg(num_sequences=10, greedy_tokens=2, top_k=20)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_llama(hidden=32)
+
+
+@pytest.fixture(scope="module")
+def full(model):
+    return generate_seed_tokens(model, CFG, 12, seed=3)
+
+
+def test_slices_equal_the_full_set(model, full):
+    assert full.shape == (10, 12) and full.dtype == torch.long
+    for k, m in [(0, 3), (3, 10), (7, 9), (9, 10), (5, 5)]:
+        assert torch.equal(generate_seed_tokens(model, CFG, 12, seed=3, start=k, stop=m), full[k:m])
+
+
+def test_seed_changes_the_data_and_reruns_reproduce(model, full):
+    assert torch.equal(generate_seed_tokens(model, CFG, 12, seed=3), full)
+    assert not torch.equal(generate_seed_tokens(model, CFG, 12, seed=4), full)
+    assert len({tuple(r.tolist()) for r in full}) == len(full)  # sequences differ from each other
+    assert sample_seed(1, 2) != sample_seed(2, 1)
+
+
+def test_greedy_prefix_and_no_special_tokens(model):
+    specials = [0, 1, 2]
+    ids = generate_seed_tokens(model, CFG, 8, seed=0, special_ids=specials)
+    assert not torch.isin(ids, torch.tensor(specials)).any()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits  # (N, T, V)
+    logits[..., specials] = float("-inf")
+    greedy = logits.argmax(-1)
+    # tokens 1..greedy_tokens are the argmax continuation
+    assert torch.equal(ids[:, 1 : 1 + CFG.greedy_tokens], greedy[:, : CFG.greedy_tokens])
+    # sampled tokens stay inside the top_k of the teacher
+    topk = logits[:, CFG.greedy_tokens : -1].topk(CFG.top_k, -1).indices
+    assert (topk == ids[:, 1 + CFG.greedy_tokens :, None]).any(-1).all()
+
+
+def test_cache_is_reused_and_keyed(model, full, tmp_path, monkeypatch):
+    cfg = CFG.model_copy(update={"cache_dir": str(tmp_path)})
+    first = load_or_generate(model, cfg, 12, seed=3)
+    assert torch.equal(first, full) and len(list(tmp_path.glob("seed-*.pt"))) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("regenerated although cached")
+
+    monkeypatch.setattr(seed_mod, "generate_seed_tokens", boom)
+    assert torch.equal(load_or_generate(model, cfg, 12, seed=3), full)
+    fp = model_fingerprint(model)
+    assert fp == model_fingerprint(make_tiny_llama(hidden=32)) != model_fingerprint(make_tiny_llama(seed=1, hidden=32))
+    keys = {
+        cache_key(fp, cfg, 12, 3),
+        cache_key(fp, cfg, 13, 3),
+        cache_key(fp, cfg, 12, 4),
+        cache_key(fp, cfg.model_copy(update={"temperature": 0.7}), 12, 3),
+        cache_key("other", cfg, 12, 3),
+    }
+    assert len(keys) == 5
+    assert cache_key(fp, cfg.model_copy(update={"cache_dir": "/elsewhere"}), 12, 3) == cache_key(fp, cfg, 12, 3)

@@ -1,0 +1,140 @@
+"""One quantization job in this process: load, prepare, train, convert, export, evaluate.
+
+The distributed layer (``zsaq_dist.dist``) reuses the pieces here on every
+worker; ``run_quantize`` is the single-process path (``dist.launcher: local``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from zsaq_dist import __version__
+from zsaq_dist.config import Config
+from zsaq_dist.quant import convert, prepare, quant_modules
+
+log = logging.getLogger("zsaq")
+
+
+def device_for(cfg: Config) -> torch.device:
+    """CUDA when the config asks for a GPU and one is present, else CPU."""
+    if cfg.dist.use_gpu:
+        if not torch.cuda.is_available():
+            from zsaq_dist.errors import ConfigError
+
+            raise ConfigError("dist.use_gpu is true but no CUDA device is visible: set dist.use_gpu: false")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_student(teacher: nn.Module, cfg: Config) -> nn.Module:
+    """A fake-quantized copy of ``teacher`` (RTN-initialised) with the trainable parts the method asks for."""
+    student = copy.deepcopy(teacher)
+    learnable = cfg.method.learnable_scales and cfg.method.name != "rtn"
+    prepare(student, cfg.quant, learnable_scales=learnable)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    if cfg.method.name != "rtn":
+        for _, m in quant_modules(student):
+            m.weight.requires_grad_(cfg.method.lr > 0)
+            m.weight_scale.requires_grad_(learnable)
+    return student
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Teacher: eval mode, no gradients, ever."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_teacher(cfg: Config, device: torch.device) -> tuple[nn.Module, Any]:
+    """The full-precision teacher and its tokenizer."""
+    from zsaq_dist.io.load import load_model
+
+    teacher, tokenizer = load_model(cfg.model, device=str(device))
+    return freeze(teacher), tokenizer
+
+
+def quant_summary(student: nn.Module) -> dict[str, Any]:
+    """Counts of quantized layers and parameters, for the report."""
+    mods = list(quant_modules(student))
+    qparams = sum(m.weight.numel() for _, m in mods)
+    total = sum(p.numel() for p in student.parameters()) - sum(m.weight_scale.numel() for _, m in mods)
+    return {"quantized_layers": len(mods), "quantized_params": qparams, "total_params": total}
+
+
+def base_report(cfg: Config) -> dict[str, Any]:
+    """Provenance common to every report."""
+    return {
+        "zsaq_dist_version": __version__,
+        "config": cfg.model_dump(mode="json"),
+        "config_hash": cfg.hash(),
+        "format": cfg.quant.format,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "host": platform.machine()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "real_data_used_for_training": False,
+    }
+
+
+def train_student(teacher: nn.Module, student: nn.Module, tokenizer: Any, cfg: Config) -> dict[str, Any]:
+    """Run the configured method; RTN trains nothing."""
+    if cfg.method.name == "rtn" or cfg.method.steps == 0:
+        return {}
+    from zsaq_dist.minimax.trainer import train
+
+    return train(teacher, student, tokenizer, cfg)
+
+
+def evaluate_in_memory(teacher: nn.Module, student: nn.Module, tokenizer: Any, cfg: Config) -> dict[str, Any]:
+    """Perplexity/KL/top-1 of teacher and student on the evaluation text (never used for training)."""
+    from zsaq_dist.data.text import encode_text, load_eval_text
+    from zsaq_dist.eval import evaluate
+
+    e = cfg.eval
+    if tokenizer is None:
+        from zsaq_dist.errors import ConfigError
+
+        raise ConfigError(f"{cfg.model.path} has no tokenizer, so the eval: section cannot encode text: remove it")
+    ids = encode_text(tokenizer, load_eval_text(e.text), e.max_tokens)
+    fp = evaluate(teacher, ids, e.seq_len, batch_size=e.batch_size)
+    q = evaluate(student, ids, e.seq_len, reference=teacher, batch_size=e.batch_size)
+    return {"teacher": fp, "quantized": q, "text": e.text or "pydoc_data.topics"}
+
+
+def run_quantize(cfg: Config) -> dict[str, Any]:
+    """The whole job in this process; returns the report (also written as ``zsaq_report.json``)."""
+    from zsaq_dist.io.export import export_checkpoint
+
+    t0 = time.perf_counter()
+    report = base_report(cfg)
+    torch.manual_seed(cfg.method.seed)
+    device = device_for(cfg)
+    teacher, tokenizer = load_teacher(cfg, device)
+    student = build_student(teacher, cfg)
+    report["load_seconds"] = round(time.perf_counter() - t0, 2)
+    report.update(quant_summary(student))
+
+    t1 = time.perf_counter()
+    history = train_student(teacher, student, tokenizer, cfg)
+    report["train_seconds"] = round(time.perf_counter() - t1, 2)
+    report["history"] = history
+    convert(student)
+
+    if cfg.eval is not None:
+        t2 = time.perf_counter()
+        report["eval"] = evaluate_in_memory(teacher, student, tokenizer, cfg)
+        report["eval_seconds"] = round(time.perf_counter() - t2, 2)
+
+    report["total_seconds_before_export"] = round(time.perf_counter() - t0, 2)
+    out = export_checkpoint(student, tokenizer, cfg, report)
+    report["output"] = out
+    report["total_seconds"] = round(time.perf_counter() - t0, 2)
+    return report

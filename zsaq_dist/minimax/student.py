@@ -1,0 +1,62 @@
+"""Build the student (a fake-quantized copy of the teacher), freeze the teacher, and the student's AdamW."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from zsaq_dist.config import MethodCfg, QuantCfg
+from zsaq_dist.quant import prepare, quant_modules
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """No parameter of ``model`` takes a gradient; eval mode (no dropout). Used for the teacher."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def student_params(student: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weights, scales) of the QuantLinear layers; scales only where they are trainable."""
+    mods = [m for _, m in quant_modules(student)]
+    weights = _unique([m.weight for m in mods])
+    scales = _unique([m.weight_scale for m in mods if m.weight_scale.requires_grad])
+    return weights, scales
+
+
+def make_student(teacher: nn.Module, quant_cfg: QuantCfg, learnable_scales: bool = False) -> nn.Module:
+    """Deep copy of ``teacher``, prepared (RTN init); only quantized weights (and scales) are trainable.
+
+    Embeddings, norms and ignored layers (``lm_head``) stay frozen at the teacher's values, so
+    the student differs from the teacher exactly in the layers that are quantized.
+    """
+    student = copy.deepcopy(teacher)
+    prepare(student, quant_cfg, learnable_scales=learnable_scales)
+    return set_trainable(student, learnable_scales)
+
+
+def set_trainable(student: nn.Module, learnable_scales: bool) -> nn.Module:
+    """Only the QuantLinear weights (and, if learnable, their scales) require grad; eval mode."""
+    student.requires_grad_(False)
+    for _, m in quant_modules(student):
+        m.weight.requires_grad_(True)
+        m.weight_scale.requires_grad_(learnable_scales)
+    return student.eval()
+
+
+def make_optimizer(weights: list[nn.Parameter], scales: list[nn.Parameter], cfg: MethodCfg) -> torch.optim.AdamW:
+    """AdamW with the weights at ``lr`` (with ``weight_decay``) and the scales at ``scale_lr`` (no decay)."""
+    groups = [{"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if scales:
+        groups.append({"params": scales, "lr": cfg.scale_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups)

@@ -1,0 +1,215 @@
+"""Single-process SAM-SGA trainer: ``train(teacher, student, tokenizer, cfg)`` and ``plot_history``.
+
+Student step ``k`` (of ``cfg.method.steps``) uses global samples ``[k*B, (k+1)*B)``;
+sample ``i`` takes seed sequence ``i mod num_sequences`` and noise seeded by
+``(seed, stream, k, i)``. Before student steps ``k = 0, n, 2n, ...``
+(``n = student_steps_per_generator_step``) the generator takes one ascent step
+on fresh noise (another stream) with the student fixed, unless ``ascent: false``.
+Modes ``self_sample`` and ``noise`` feed seed embeddings or random embeddings
+and have no generator.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from zsaq_dist.config import Config, MethodCfg
+from zsaq_dist.data.seed import load_or_generate
+from zsaq_dist.errors import ConfigError
+from zsaq_dist.minimax.generator import (
+    STREAM_GENERATOR,
+    STREAM_GM,
+    STREAM_STUDENT,
+    Generator,
+    embedding_stats,
+    noise,
+    noise_inputs,
+)
+from zsaq_dist.minimax.step import (
+    generator_ascent_step,
+    generator_objective,
+    sam_student_step,
+    seed_embeddings,
+    student_loss,
+    teacher_targets,
+    torch_mechanics,
+)
+from zsaq_dist.minimax.student import freeze, make_optimizer, set_trainable, student_params
+from zsaq_dist.optim.schedule import make_scheduler
+
+
+def resolve_mode(cfg: MethodCfg) -> str:
+    """``self_sample`` / ``noise`` methods force that input mode; ``zsaq`` uses ``generator.mode``."""
+    return cfg.name if cfg.name in ("self_sample", "noise") else cfg.generator.mode
+
+
+def batch_indices(step: int, batch_size: int) -> range:
+    """Global sample numbers of student step ``step``."""
+    return range(step * batch_size, (step + 1) * batch_size)
+
+
+class Inputs:
+    """Produces the inputs of each step for one mode (``adversarial``, ``self_sample``, ``noise``)."""
+
+    def __init__(self, teacher: nn.Module, mode: str, cfg: MethodCfg, seed_ids: torch.Tensor | None):
+        self.teacher, self.mode, self.cfg, self.seed_ids = teacher, mode, cfg, seed_ids
+        self.stats = embedding_stats(teacher.get_input_embeddings().weight) if mode == "noise" else None
+        dim = teacher.get_input_embeddings().embedding_dim
+        g = cfg.generator
+        self.generator = Generator(dim, g.noise_dim, g.hidden_dim, g.radius) if mode == "adversarial" else None
+        if self.generator is not None:
+            self.generator.to(teacher.get_input_embeddings().weight.device)
+
+    def seed_embeds(self, idx: range) -> torch.Tensor:
+        """Teacher embeddings of the seed sequences of samples ``idx``: (B, T, D)."""
+        rows = torch.tensor([i % len(self.seed_ids) for i in idx])
+        return seed_embeddings(self.teacher, self.seed_ids[rows])
+
+    def noise(self, step: int, idx: range, stream: int, like: torch.Tensor) -> torch.Tensor:
+        """Generator noise (B, T, Dz) for ``(seed, stream, step, i)``."""
+        z = noise(self.cfg.seed, step, idx, (self.cfg.seq_len, self.cfg.generator.noise_dim), stream)
+        return z.to(like.device)
+
+    @torch.no_grad()
+    def student_batch(self, step: int, idx: range) -> torch.Tensor:
+        """The fixed inputs ``x`` (B, T, D) of student step ``step``."""
+        emb_dtype = self.teacher.get_input_embeddings().weight.dtype
+        if self.mode == "noise":
+            return noise_inputs(self.stats, self.cfg.seed, step, idx, self.cfg.seq_len).to(emb_dtype)
+        e = self.seed_embeds(idx)
+        if self.mode == "self_sample":
+            return e
+        return self.generator(self.noise(step, idx, STREAM_STUDENT, e), e)
+
+
+def _history() -> dict[str, list]:
+    keys = ("step", "loss", "kl", "sam_loss", "gen_obj", "gen_kl", "lr", "seconds")
+    return {k: [] for k in keys}
+
+
+def _record(hist: dict, step: int, m: dict, gen: dict | None, lr: float, secs: float) -> None:
+    row = {"step": step, "lr": lr, "seconds": secs, **m, **(gen or {})}
+    for k in _history():
+        hist[k].append(row.get(k))
+
+
+def _seed_ids(teacher, seed_model, tokenizer, cfg: MethodCfg) -> torch.Tensor:
+    if cfg.seed_data.seed_model is not None and seed_model is None:
+        raise ConfigError(
+            f"method.seed_data.seed_model={cfg.seed_data.seed_model!r} is set but no seed model was passed: "
+            "load it and call train(..., seed_model=model), or set seed_model: null to use the teacher"
+        )
+    return load_or_generate(seed_model or teacher, cfg.seed_data, cfg.seq_len, cfg.seed, tokenizer)
+
+
+class Game:
+    """The optimizers and inputs of one run; :meth:`step` is one SAM-SGA student step (+ ascent step)."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, inp: Inputs):
+        m = self.cfg = inp.cfg
+        self.teacher, self.student, self.inp = teacher, student, inp
+        weights, scales = student_params(student)
+        self.opt = make_optimizer(weights, scales, m)
+        sched = make_scheduler(self.opt, m.steps, m.warmup_steps, m.schedule)
+        self.mech = torch_mechanics(self.opt, weights, m.grad_clip, sched)
+        self.every = m.generator.student_steps_per_generator_step
+        self.ascent = inp.generator is not None and m.ascent
+        if self.ascent:
+            self.g_opt = torch.optim.Adam(inp.generator.parameters(), lr=m.generator.lr, maximize=True)
+            gen_steps = math.ceil(m.steps / self.every)
+            self.g_sched = make_scheduler(self.g_opt, gen_steps, m.warmup_steps // self.every, m.schedule)
+
+    def generator_step(self, step: int, idx: range) -> dict[str, float]:
+        """One ascent step of the generator on fresh noise, the student fixed."""
+        inp, m = self.inp, self.cfg
+        e = inp.seed_embeds(idx)
+        z = inp.noise(step, idx, STREAM_GENERATOR, e)
+        xi = inp.noise(step, idx, STREAM_GM, e) if m.generator.lambda_gm > 0 else None
+
+        def objective():
+            return generator_objective(self.teacher, self.student, inp.generator, z, e, m, xi)
+
+        metrics = generator_ascent_step(objective, list(inp.generator.parameters()), self.g_opt, m.grad_clip)
+        self.g_sched.step()
+        return metrics
+
+    def step(self, step: int) -> tuple[dict[str, float], dict[str, float] | None, float]:
+        """Student step ``step``: (student metrics, generator metrics or None, student lr used)."""
+        m = self.cfg
+        idx = batch_indices(step, m.batch_size)
+        gen = self.generator_step(step, idx) if self.ascent and step % self.every == 0 else None
+        x = self.inp.student_batch(step, idx)
+        target = teacher_targets(self.teacher, x, m)
+        lr = self.opt.param_groups[0]["lr"]
+
+        def loss_fn():
+            return student_loss(self.student, x, target, m)
+
+        return sam_student_step(loss_fn, self.mech, m.rho, m.adaptive_sam), gen, lr
+
+
+def train(
+    teacher: nn.Module,
+    student: nn.Module,
+    tokenizer,
+    cfg: Config,
+    progress: bool = True,
+    on_step: Callable[[int, dict], None] | None = None,
+    seed_model: nn.Module | None = None,
+) -> dict:
+    """Run ``cfg.method.steps`` student optimizer steps of SAM-SGA (or a baseline); return the history.
+
+    ``student`` must already be prepared (:func:`zsaq_dist.quant.prepare` on a copy of the teacher);
+    the teacher is frozen here. ``on_step(step, metrics)`` is called after every student step.
+    The history (JSON-ready lists per step) goes into ``zsaq_report.json`` and :func:`plot_history`.
+    """
+    m = cfg.method
+    mode = resolve_mode(m)
+    hist = {"mode": mode, "method": m.name, **_history()}
+    if m.name == "rtn" or m.steps == 0:
+        return hist | {"total_seconds": 0.0}
+    freeze(teacher)
+    set_trainable(student, m.learnable_scales)
+    torch.manual_seed(m.seed)  # the generator's initial weights
+    seed_ids = None if mode == "noise" else _seed_ids(teacher, seed_model, tokenizer, m)
+    game = Game(teacher, student, Inputs(teacher, mode, m, seed_ids))
+    t_start = time.perf_counter()
+    bar = tqdm(range(m.steps), disable=not progress, desc=f"zsaq {mode}", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        metrics, gen, lr = game.step(step)
+        secs = time.perf_counter() - t0
+        _record(hist, step, metrics, gen, lr, secs)
+        if step % m.log_every == 0:
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}", s=f"{secs:.2f}")
+        if on_step is not None:
+            on_step(step, {**metrics, **(gen or {}), "lr": lr, "seconds": secs})
+    hist["total_seconds"] = time.perf_counter() - t_start
+    return hist
+
+
+def plot_history(history: dict, path_png: str) -> str:
+    """Training curves (student loss and KL; generator KL) as a PNG (Agg canvas, no pyplot global state)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.8))
+    ax1, ax2 = fig.subplots(1, 2)
+    steps = history["step"]
+    ax1.plot(steps, history["loss"], label="student loss")
+    ax1.plot(steps, history["kl"], label="KL(T || S)", alpha=0.8)
+    ax1.set(xlabel="student step", ylabel="loss", title=f"student ({history.get('method')}, {history.get('mode')})")
+    ax1.legend()
+    gen = [(s, v) for s, v in zip(steps, history["gen_kl"], strict=True) if v is not None]
+    if gen:
+        ax2.plot(*zip(*gen, strict=True), color="C3", label="KL on generator inputs")
+        ax2.legend()
+    ax2.set(xlabel="student step", ylabel="KL", title="generator (ascent)")
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+    return path_png
