@@ -6,7 +6,7 @@ SPEC holds ``method`` (rtn | hqq | gptq | awq), ``bits``, ``group_size``,
 ``symmetric``, ``model`` (fp32 HF dir), ``eval_ids`` (a ``torch.save``d 1-D
 LongTensor), ``calib_ids`` (2-D (N, L), for gptq/awq), ``seq_len``, ``out``
 (a directory for the result and any checkpoint) and optional ``observer``
-(rtn). ``rtn`` runs in the product's venv; hqq, gptq and awq run in the peers
+(rtn) and ``awq_n_grid`` (AWQ's scale grid, default 20). ``rtn`` runs in the product's venv; hqq, gptq and awq run in the peers
 venv (bench/.peers-venv), so the peers' pinned transformers/compressed-tensors
 never meet the product's.
 
@@ -106,7 +106,7 @@ def quantize_llmc(spec: dict) -> nn.Module:
     if spec["method"] == "gptq":
         recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"])]
     else:  # AWQ only rescales channels; a quantization modifier after it writes the scales
-        recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+        recipe = [AWQModifier(n_grid=spec.get("awq_n_grid", 20)), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
     model = _load(spec["model"])
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=calib.shape[0],
             max_seq_length=calib.shape[1], shuffle_calibration_samples=False)

@@ -173,6 +173,11 @@ def test_asymmetric_zero_points_load_with_dequantize(tmp_path):
     torch.testing.assert_close(_logits(loaded), ref, atol=1e-5, rtol=0)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] is False
+    from zsaq_dist.config import ModelCfg
+    from zsaq_dist.io.load import load_model
+
+    ours, _ = load_model(ModelCfg(path=str(tmp_path / "out")))  # what `zsaq eval` uses: picks the dequantize route
+    torch.testing.assert_close(_logits(ours), ref, atol=1e-5, rtol=0)
 
 
 def test_w8a8_reload_applies_dynamic_activation_quant(tmp_path):

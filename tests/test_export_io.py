@@ -110,6 +110,19 @@ def test_memory_fs_export_and_completion_rule(monkeypatch):
         fs.rm(path.rsplit("/", 1)[0], recursive=True)
 
 
+def test_file_uri_is_local_and_atomic(tmp_path, monkeypatch):
+    uri = f"file://{tmp_path}/out"
+    cfg = make_cfg(uri)
+    model = _prepared(cfg)
+    monkeypatch.setattr(export_mod, "write_manifest", lambda fs, d: (_ for _ in ()).throw(RuntimeError("late")))
+    with pytest.raises(RuntimeError, match="late"):
+        export_checkpoint(model, None, cfg, {}, progress=False)
+    assert list(tmp_path.iterdir()) == []  # the tmp dir, not OUT, was being written
+    monkeypatch.undo()
+    assert export_checkpoint(model, None, cfg, {}, progress=False) == str(tmp_path / "out")
+    assert is_complete(uri) and verify_checkpoint(uri)["files"] > 3
+
+
 def test_sharding_index_and_reload(tmp_path):
     cfg = make_cfg(tmp_path / "out", shard="12KB")
     model = _prepared(cfg)

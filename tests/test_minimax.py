@@ -258,3 +258,18 @@ def test_core_does_not_import_deepspeed_or_ray():
         "import zsaq_dist.optim, zsaq_dist.minimax.trainer, zsaq_dist.data.seed\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_train_on_cuda(tmp_path, dtype):
+    """Every tensor of the game lands on the model's device and dtype; the KL still goes down."""
+    cfg = _cfg(tmp_path, steps=6, lr=1e-4, scale_lr=1e-5)
+    teacher = make_tiny_llama(hidden=32).to("cuda", dtype)
+    student = make_student(teacher, cfg.quant, True)
+    hist = train(teacher, student, None, cfg, progress=False)
+    assert all(torch.isfinite(torch.tensor(hist[k])).all() for k in ("loss", "sam_loss", "gen_obj"))
+    assert next(student.parameters()).device.type == "cuda"
+    if dtype == torch.float32:
+        assert min(hist["kl"][3:]) < hist["kl"][0]

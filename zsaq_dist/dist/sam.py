@@ -47,10 +47,17 @@ def local_partitions(engine) -> tuple[list[torch.Tensor], list[torch.Tensor | No
         return [p.ds_tensor for p in params], [safe_get_local_grad(p) for p in params]
     if stage in (1, 2):
         owned = [p for p in params if getattr(p, "_hp_mapping", None) is not None]
-        tensors = [p._hp_mapping.lp_fragment for p in owned]
-        grads = [p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group) for p in owned]
-        return tensors, grads
+        return [p._hp_mapping.lp_fragment for p in owned], [_fragment_grad(p) for p in owned]
     return params, [p.grad for p in params]
+
+
+def _fragment_grad(p: torch.nn.Parameter) -> torch.Tensor:
+    """Stage 1/2: the flat reduced gradient of this rank's fragment of ``p`` (same numel as ``lp_fragment``)."""
+    g = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+    addr = p._hp_mapping.lp_fragment_address
+    if g.numel() != addr.numel:  # some paths keep the whole parameter's gradient on every rank
+        g = g.narrow(0, addr.start, addr.numel)
+    return g
 
 
 def _sync_replicas(engine) -> None:
@@ -100,3 +107,13 @@ def restore_params(engine, state: SamState) -> None:
     """Copy this rank's saved partition back bit for bit and refresh the gathered views."""
     restore(state)
     _sync_replicas(engine)
+
+
+def partition_numel(engine) -> int:
+    """Elements of student parameter state this rank owns (the fp32 master partition for stages 1-3)."""
+    stage = engine.zero_optimization_stage()
+    if stage == 3:
+        return sum(p.ds_tensor.numel() for p in engine.module.parameters())
+    if stage in (1, 2):
+        return sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)
+    return sum(p.numel() for p in engine.module.parameters())

@@ -207,8 +207,8 @@ def _swap_in(work: str, target: str) -> None:
 
 def _export_error(err: BaseException, work: str) -> ExportError | None:
     """Map disk errors (incl. safetensors' own IO errors) to an ExportError that names the fix."""
-    text = str(err)
-    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "code: 28" in text:
+    disk = isinstance(err, OSError) or type(err).__name__ == "SafetensorError"
+    if disk and (getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)):
         return ExportError(f"no space left on the device while writing {work}: free space or choose another output.dir")
     if isinstance(err, OSError):
         return ExportError(f"writing {work} failed ({err}): check that output.dir is writable, or choose another")

@@ -173,6 +173,24 @@ def _load_tokenizer(path: str, cfg: ModelCfg, gguf_file: str | None = None):
         raise ModelLoadError(f"cannot load the tokenizer of {gguf_file or path}: {str(err).splitlines()[0]}") from None
 
 
+def _compressed_tensors_kwargs(path: str) -> dict:
+    """Asymmetric weight-only checkpoints: transformers' compressed route rejects zero points, its dequantize route
+    loads them exactly (and drops nothing, as there is no activation quantizer to drop)."""
+    import json
+
+    qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    if qc.get("quant_method") != "compressed-tensors":
+        return {}
+    groups = (qc.get("config_groups") or {}).values()
+    asym = any((g.get("weights") or {}).get("symmetric") is False for g in groups)
+    acts = any(g.get("input_activations") for g in groups)
+    if asym and not acts:
+        from transformers import CompressedTensorsConfig
+
+        return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    return {}
+
+
 def _check_complete(path: str, info: dict) -> None:
     """Refuse a checkpoint that lacks weights: transformers would fill them with random values."""
     missing = sorted(info.get("missing_keys") or [])
@@ -210,8 +228,9 @@ def load_model(cfg: ModelCfg, device: str = "cpu") -> tuple[nn.Module, object | 
         if not is_hub:
             _check_local_dir(local)
         _load_config(path, cfg, is_hub)
+        extra = _compressed_tensors_kwargs(path) if not is_hub else {}
         try:
-            model, info = _from_pretrained(path, cfg, use_safetensors=True, output_loading_info=True)
+            model, info = _from_pretrained(path, cfg, use_safetensors=True, output_loading_info=True, **extra)
         except OSError as err:
             if is_hub:
                 raise _hub_error(path, err) from None

@@ -1,0 +1,129 @@
+"""Turn bench/results/*.json into a Markdown "Results" section (RESULTS.md) and one PNG per table.
+
+    python bench/render.py [--results bench/results] [--out bench/results/RESULTS.md]
+
+Reads ``peers.json`` (bench/peers.py) and, when present, ``quality.json``
+(bench/quality.py); both hold ``machine``, ``date``, ``command`` and ``rows``
+with the keys of :data:`COLUMNS`. Missing values print as "-".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+TABLES = {"quality.json": "Quality: zsaq_dist methods", "peers.json": "Peers: HQQ, GPTQ, AWQ side by side"}
+COLUMNS = ("method", "bits", "group_size", "symmetric", "data", "ppl", "dppl", "kl", "top1", "seconds", "peak_rss_mb")
+HEADERS = ("method", "bits", "group", "sym", "data", "ppl", "Δppl", "KL", "top-1", "time (s)", "peak RSS (MB)")
+
+
+def cell(key: str, value) -> str:
+    """One table cell: fixed precision per column, "-" for missing values."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if key == "symmetric":
+        return "sym" if value else "asym"
+    if key == "group_size":
+        return f"g{value}"
+    if key == "top1":
+        return f"{100 * value:.2f}%"
+    if key == "kl":
+        return f"{value:.4f}"
+    if key == "dppl":
+        return f"{value:+.3f}"
+    if key == "ppl":
+        return f"{value:.3f}"
+    if key in ("seconds", "peak_rss_mb"):
+        return f"{value:.0f}"
+    return str(value)
+
+
+def table(rows: list[dict]) -> str:
+    """A GitHub Markdown table of ``rows``."""
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    for r in rows:
+        lines.append("| " + " | ".join(cell(k, r.get(k)) for k in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def section(title: str, result: dict, png: str | None) -> str:
+    """One table with its provenance (machine, date, command) and its plot."""
+    parts = [
+        f"### {title}",
+        "",
+        f"- machine: {result.get('machine', '-')}",
+        f"- date: {result.get('date', '-')}",
+        f"- command: `{result.get('command', '-')}`",
+    ]
+    if result.get("model"):
+        parts.append(f"- model: {result['model']}")
+    if result.get("budget"):
+        parts.append("- budget: " + ", ".join(f"{k}={v}" for k, v in result["budget"].items()))
+    if result.get("versions"):
+        parts.append("- versions: " + json.dumps(result["versions"], sort_keys=True))
+    parts += ["", table(result["rows"])]
+    if png:
+        parts += ["", f"![{title}]({png})"]
+    for note in result.get("notes", []):
+        parts.append(f"\n{note}")
+    return "\n".join(parts)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Bar chart of KL(teacher || model) per row (log scale), one colour per bit width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("kl") and r.get("bits", 32) < 16]
+    labels = [f"{r['method']}\nW{r['bits']} {cell('symmetric', r.get('symmetric'))}\n{r.get('data', '')}" for r in rows]
+    colours = {4: "tab:blue", 3: "tab:orange", 2: "tab:red", 8: "tab:green"}
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
+    ax.bar(range(len(rows)), [r["kl"] for r in rows], color=[colours.get(r["bits"], "tab:gray") for r in rows])
+    ax.set_xticks(range(len(rows)), labels, fontsize=6)
+    ax.set_yscale("log")
+    ax.set_ylabel("KL(teacher || quantized) per token (lower is better)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(results: Path, with_png: bool = True) -> str:
+    """The Markdown "Results" section for every known JSON in ``results`` (and their PNGs)."""
+    out = ["## Results", ""]
+    found = False
+    for name, title in TABLES.items():
+        path = results / name
+        if not path.is_file():
+            continue
+        found = True
+        result = json.loads(path.read_text())
+        png = None
+        if with_png:
+            png = path.with_suffix(".png").name
+            plot(result["rows"], results / png, title)
+        out += [section(title, result, png), ""]
+    if not found:
+        out.append(f"No results yet: run `python bench/peers.py` (writes {results}/peers.json).")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: write the Markdown section (and PNGs) next to the JSON files."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--out", help="Markdown file (default: RESULTS.md in --results)")
+    p.add_argument("--no-png", action="store_true")
+    args = p.parse_args(argv)
+    results = Path(args.results)
+    out = Path(args.out) if args.out else results / "RESULTS.md"
+    out.write_text(render(results, with_png=not args.no_png))
+    print(f"[render] wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
