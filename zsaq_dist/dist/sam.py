@@ -25,24 +25,30 @@ import torch.distributed as dist
 from deepspeed.runtime.utils import all_gather_dp_groups
 from deepspeed.utils import safe_get_local_grad
 
-from zsaq_dist.optim.sam import SamState, global_norm, perturb_tensors, restore
+from zsaq_dist.minimax.step import StepMechanics
+from zsaq_dist.optim.sam import global_norm
 
 
 def _trainable(engine) -> list[torch.nn.Parameter]:
     return [p for p in engine.module.parameters() if p.requires_grad]
 
 
-def _group(engine) -> dist.ProcessGroup | None:
+def group(engine) -> dist.ProcessGroup | None:
     """The data-parallel group when gradients are partitioned (stages 1-3), else None (replicated)."""
     if engine.zero_optimization_stage() == 0 or not dist.is_initialized():
         return None
     return dist.group.WORLD
 
 
-def local_partitions(engine) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    """This rank's ``(tensors the forward reads, their gradients)`` right after ``engine.backward``."""
+def local_partitions(
+    engine, params: list[torch.nn.Parameter] | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """This rank's ``(tensors the forward reads, their gradients)`` of ``params`` (default: all trainable).
+
+    Valid right after ``engine.backward`` and before ``engine.step``.
+    """
     stage = engine.zero_optimization_stage()
-    params = _trainable(engine)
+    params = _trainable(engine) if params is None else params
     if stage == 3:
         return [p.ds_tensor for p in params], [safe_get_local_grad(p) for p in params]
     if stage in (1, 2):
@@ -76,23 +82,10 @@ def _sync_replicas(engine) -> None:
         )
 
 
-def grad_norm(engine, adaptive: bool = False) -> float:
-    """Global 2-norm of the student's gradient (all parameters, all ranks); a collective for stages 1-3."""
-    tensors, grads = local_partitions(engine)
-    return float(global_norm(tensors, grads, adaptive, _group(engine)))
-
-
-def perturb(engine, rho: float, adaptive: bool = False) -> SamState:
-    """Move this rank's partition to ``w + e`` (``e = rho g / ||g||``) and refresh the gathered views."""
-    if engine.zero_optimization_stage() == 3:
-        engine.empty_partition_cache()
-    tensors, grads = local_partitions(engine)
-    state = perturb_tensors(tensors, grads, rho, adaptive, _group(engine))
-    _sync_replicas(engine)
-    # the second backward must overwrite the gradient, not add to the first one
-    engine.optimizer.zero_grad()
-    _clear_reduced_grads(engine)
-    return state
+def grad_norm(engine, params: list[torch.nn.Parameter] | None = None) -> float:
+    """Global 2-norm of the gradient of ``params`` (all ranks); a collective for stages 1-3."""
+    tensors, grads = local_partitions(engine, params)
+    return float(global_norm(tensors, grads, group=group(engine)))
 
 
 def _clear_reduced_grads(engine) -> None:
@@ -103,10 +96,28 @@ def _clear_reduced_grads(engine) -> None:
             opt.averaged_gradients[k] = None
 
 
-def restore_params(engine, state: SamState) -> None:
-    """Copy this rank's saved partition back bit for bit and refresh the gathered views."""
-    restore(state)
-    _sync_replicas(engine)
+def mechanics(engine, sam_params: list[torch.nn.Parameter]) -> StepMechanics:
+    """:class:`StepMechanics` driving ``engine`` for :func:`zsaq_dist.minimax.step.sam_student_step`.
+
+    ``zero_grad`` runs after ``perturb_tensors`` changed this rank's partition: it
+    refreshes the gathered copies (so the second forward reads ``w + e``) and
+    empties the gradient so the second backward overwrites it. The restore needs
+    no refresh: ``engine.step`` rewrites every partition from the master copy.
+    """
+
+    def tensors_and_grads():
+        if engine.zero_optimization_stage() == 3:
+            engine.empty_partition_cache()  # else stale gathered copies survive the perturbation
+        return local_partitions(engine, sam_params)
+
+    def zero_grad():
+        _sync_replicas(engine)
+        engine.optimizer.zero_grad()
+        _clear_reduced_grads(engine)
+
+    return StepMechanics(
+        backward=engine.backward, zero_grad=zero_grad, tensors_and_grads=tensors_and_grads, optimizer_step=engine.step
+    )
 
 
 def partition_numel(engine) -> int:

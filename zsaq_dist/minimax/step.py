@@ -16,6 +16,9 @@ Mechanics (how gradients are taken and applied), passed in as callables:
         loss_fn() -> backward -> perturb(rho, group) -> zero_grad -> loss_fn() -> backward
         -> restore (bit-exact) -> optimizer_step
     With ``rho == 0`` the second pass is skipped: exactly the plain optimizer step.
+    The trainer lets SAM perturb the quantized *weights* only: learnable scales are ~100x
+    smaller than the weights yet carry a comparable share of ``||g||``, so one shared radius
+    would move them by several percent; they still take the SAM gradient ``g'``.
   * :func:`generator_ascent_step` backpropagates ``J`` into the generator's parameters only
     (``backward(inputs=...)``: the student and teacher get no gradient) and steps an
     optimizer built with ``maximize=True`` (gradient *ascent*).
