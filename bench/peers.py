@@ -1,6 +1,6 @@
 """Side by side on the demo model: our RTN vs HQQ, GPTQ and AWQ, all scored the same way.
 
-    python bench/peers.py --quick          # < 20 min on a 2-core CPU
+    python bench/peers.py --quick          # W4 rows, smaller budget
     python bench/peers.py                  # reproduces bench/results/peers.json
 
 Every quantizer runs as its own subprocess (``bench/peers_run.py``): ours in
@@ -48,10 +48,11 @@ BENCH = Path(__file__).resolve().parent
 RUNNER = BENCH / "peers_run.py"
 CALIB_OFFSET = 16384  # real calibration text starts after the largest evaluation span
 DATA = {"none": "none", "real": "real-data calibration", "self": "data-free (self-generated)"}
-BUDGETS = {  # calibration = calib_n sequences x calib_len tokens (real or self-generated)
-    "quick": {"eval_tokens": 4096, "calib_n": 8, "calib_len": 512, "seq_len": 512},
-    "full": {"eval_tokens": 16384, "calib_n": 16, "calib_len": 512, "seq_len": 512},
-}
+# calibration = calib_n sequences x calib_len tokens (real or self-generated). Sized for a shared
+# 2-core CPU, where one GPTQ run takes ~10 min whatever the sample count; --eval-tokens and
+# --calib-n raise it (the evaluation windows never exceed the first CALIB_OFFSET tokens).
+BUDGET = {"eval_tokens": 4096, "calib_n": 8, "calib_len": 512, "seq_len": 512}
+QUICK = {"eval_tokens": 2048, "calib_n": 4}  # --quick: W4 rows only, on this smaller budget
 
 
 class PeersError(ZsaqError):
@@ -64,7 +65,7 @@ def plan(quick: bool, everything: bool = False) -> list[dict]:
     Default: RTN and HQQ at W4/W3 (sym and asym where the method has both), GPTQ
     symmetric with real and with self-generated calibration. ``everything`` adds
     asymmetric GPTQ and AWQ (asymmetric, its default): on a shared 2-core CPU each
-    llm-compressor run takes ~10 min and AWQ's grid search ~1 h, beyond the budget.
+    llm-compressor run takes ~10 min and AWQ's grid search hours, beyond the budget.
     ``quick`` keeps W4 only.
     """
     rows = []
@@ -94,7 +95,17 @@ def write_data(model_dir: str, budget: dict, work: Path) -> dict[str, object]:
     n, length = budget["calib_n"], budget["calib_len"]
     if ids.numel() < CALIB_OFFSET + n * length:
         raise PeersError(f"the evaluation prose has {ids.numel()} tokens, too few for {n} x {length} calibration")
-    paths = {"eval": work / "eval.pt", "real": work / f"real-{n}x{length}.pt", "self": work / f"self-{n}x{length}.pt"}
+    work = work / "data"
+    work.mkdir(parents=True, exist_ok=True)
+    if budget["eval_tokens"] > CALIB_OFFSET:
+        raise PeersError(
+            f"--eval-tokens {budget['eval_tokens']} would overlap the calibration text: use <= {CALIB_OFFSET}"
+        )
+    paths = {
+        "eval": work / f"eval-{budget['eval_tokens']}.pt",
+        "real": work / f"real-{n}x{length}.pt",
+        "self": work / f"self-{n}x{length}.pt",
+    }
     torch.save(ids[: budget["eval_tokens"]].clone(), paths["eval"])
     torch.save(ids[CALIB_OFFSET : CALIB_OFFSET + n * length].reshape(n, length).clone(), paths["real"])
     seconds_file = paths["self"].with_suffix(".seconds")
@@ -109,13 +120,15 @@ def write_data(model_dir: str, budget: dict, work: Path) -> dict[str, object]:
 
 
 def _spec_key(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    """Hash of what changes a row's result; the data file names encode their budget."""
+    key = {k: Path(v).name if k in ("eval_ids", "calib_ids") else v for k, v in spec.items()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_row(row: dict, data: dict, budget: dict, model_dir: str, pythons: dict, work: Path) -> dict:
     """Run one row in its venv (cached by spec hash under ``work``); returns its metrics."""
     spec = {k: row[k] for k in ("method", "bits", "group_size", "symmetric")}
-    spec.update(model=model_dir, eval_ids=data["eval"], seq_len=budget["seq_len"], budget=budget)
+    spec.update(model=model_dir, eval_ids=data["eval"], seq_len=budget["seq_len"])
     if row["data"] != "none":
         spec["calib_ids"] = data[row["data"]]
     out = work / "runs" / f"{row['method']}-w{row['bits']}-{_spec_key(spec)}"
@@ -125,12 +138,16 @@ def run_row(row: dict, data: dict, budget: dict, model_dir: str, pythons: dict, 
         out.mkdir(parents=True, exist_ok=True)
         (out / "spec.json").write_text(json.dumps(spec, indent=2))
         py = pythons["ours" if row["method"] == "rtn" else "peers"]
-        print(f"[peers] {row['method']} W{row['bits']} g{row['group_size']} "
-              f"{'sym' if row['symmetric'] else 'asym'} data={row['data']} ...", flush=True)
+        print(
+            f"[peers] {row['method']} W{row['bits']} g{row['group_size']} "
+            f"{'sym' if row['symmetric'] else 'asym'} data={row['data']} ...",
+            flush=True,
+        )
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         with (out / "log.txt").open("w") as log:
-            proc = subprocess.run([str(py), str(RUNNER), str(out / "spec.json")], stdout=log,
-                                  stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.run(
+                [str(py), str(RUNNER), str(out / "spec.json")], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
         if proc.returncode != 0 or not result.is_file():
             raise PeersError(f"{row['method']} W{row['bits']} failed (exit {proc.returncode}); see {out / 'log.txt'}")
     return json.loads(result.read_text())
@@ -142,8 +159,19 @@ def teacher_row(model_dir: str, data: dict, budget: dict) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     m = evaluate(model, torch.load(data["eval"], weights_only=True), budget["seq_len"], progress=False)
-    return {"method": "fp32 (teacher)", "bits": 32, "group_size": None, "symmetric": None, "data": "none",
-            "ppl": m["ppl"], "dppl": 0.0, "kl": 0.0, "top1": 1.0, "seconds": 0.0, "peak_rss_mb": None}
+    return {
+        "method": "fp32 (teacher)",
+        "bits": 32,
+        "group_size": None,
+        "symmetric": None,
+        "data": "none",
+        "ppl": m["ppl"],
+        "dppl": 0.0,
+        "kl": 0.0,
+        "top1": 1.0,
+        "seconds": 0.0,
+        "peak_rss_mb": None,
+    }
 
 
 def machine() -> str:
@@ -165,22 +193,38 @@ LABELS = {"rtn": "RTN (zsaq_dist)", "hqq": "HQQ", "gptq": "GPTQ (llm-compressor)
 
 def collect(args: argparse.Namespace) -> dict:
     """Run every planned row and return the merged table."""
-    budget = BUDGETS["quick" if args.quick else "full"]
-    work = Path(args.work) / ("quick" if args.quick else "full")
-    work.mkdir(parents=True, exist_ok=True)
+    budget = {**BUDGET, **(QUICK if args.quick else {})}
+    budget.update({k: v for k, v in (("eval_tokens", args.eval_tokens), ("calib_n", args.calib_n)) if v})
+    work = Path(args.work)
     model_dir = args.model or default_model()
     pythons = {"ours": Path(sys.executable), "peers": peers_venv.ensure_venv(Path(args.venv))}
     data = write_data(model_dir, budget, work)
     teacher = teacher_row(model_dir, data, budget)
-    rows = [teacher]
+    rows, failed = [teacher], []
     for row in plan(args.quick, args.all):
         if args.only and row["method"] not in args.only:
             continue
-        m = run_row(row, data, budget, model_dir, pythons, work)
+        try:
+            m = run_row(row, data, budget, model_dir, pythons, work)
+        except PeersError as err:  # keep going: one broken peer should not cost the other rows
+            print(f"[peers] {err}", flush=True)
+            failed.append(str(err))
+            continue
         extra = data["self_seconds"] if row["data"] == "self" else 0.0
-        rows.append({**row, "method": LABELS[row["method"]], "data": DATA[row["data"]], "ppl": m["ppl"],
-                     "dppl": m["ppl"] - teacher["ppl"], "kl": m["kl"], "top1": m["top1"],
-                     "seconds": m["seconds"] + extra, "peak_rss_mb": m["peak_rss_mb"]})
+        rows.append(
+            {
+                **row,
+                "method": LABELS[row["method"]],
+                "data": DATA[row["data"]],
+                "ppl": m["ppl"],
+                "dppl": m["ppl"] - teacher["ppl"],
+                "kl": m["kl"],
+                "top1": m["top1"],
+                "seconds": m["seconds"] + extra,
+                # only VmHWM is this subprocess's own peak (ru_maxrss also counts the forking parent)
+                "peak_rss_mb": m["peak_rss_mb"] if m.get("peak_rss_source") == "VmHWM" else None,
+            }
+        )
     return {
         "machine": machine(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -190,13 +234,16 @@ def collect(args: argparse.Namespace) -> dict:
         "versions": {"ours": {"torch": torch.__version__}, "peers": peers_venv.versions(pythons["peers"])},
         "seed_generation_seconds": data["self_seconds"],
         "rows": rows,
+        "failed": failed,
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: run the comparison, write ``--out`` (JSON), then render Markdown + PNG next to it."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="W4 only, 8 calibration sequences, 4096 eval tokens")
+    p.add_argument("--quick", action="store_true", help=f"W4 rows only, budget {QUICK}")
+    p.add_argument("--eval-tokens", type=int, help="evaluation tokens (512-token windows)")
+    p.add_argument("--calib-n", type=int, help="calibration sequences of 512 tokens")
     p.add_argument("--model", help="fp32 HF model dir (default: the demo model, zsaq fetch-demo-model)")
     p.add_argument("--all", action="store_true", help="add asymmetric GPTQ and AWQ (hours on a 2-core CPU)")
     p.add_argument("--only", nargs="+", choices=sorted(LABELS), help="run only these methods")
@@ -213,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     out.write_text(json.dumps(table, indent=2) + "\n")
     render.main(["--results", str(out.parent)])
     print(f"[peers] wrote {out}")
+    if table["failed"]:
+        sys.exit(f"error: {len(table['failed'])} row(s) failed: " + "; ".join(table["failed"]))
 
 
 if __name__ == "__main__":

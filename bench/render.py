@@ -2,9 +2,11 @@
 
     python bench/render.py [--results bench/results] [--out bench/results/RESULTS.md]
 
-Reads ``peers.json`` (bench/peers.py) and, when present, ``quality.json``
-(bench/quality.py); both hold ``machine``, ``date``, ``command`` and ``rows``
-with the keys of :data:`COLUMNS`. Missing values print as "-".
+Reads ``quality*.json`` (bench/quality.py, which draws its own PNG) and
+``peers*.json`` (bench/peers.py, whose PNG is drawn here); each holds
+``machine``, ``date``, ``command`` and ``rows`` with the keys of
+:data:`COLUMNS` (plus optional ``setting`` and ``act_bits`` columns, shown when
+a table has them). Missing values print as "-".
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import json
 import math
 from pathlib import Path
 
-TABLES = {"quality.json": "Quality: zsaq_dist methods", "peers.json": "Peers: HQQ, GPTQ, AWQ side by side"}
+TABLES = {"quality": "Quality: zsaq_dist methods", "peers": "Peers: HQQ, GPTQ, AWQ side by side"}
+OPTIONAL = {"setting": "setting", "act_bits": "act bits"}  # shown only when some row has a value
 COLUMNS = ("method", "bits", "group_size", "symmetric", "data", "ppl", "dppl", "kl", "top1", "seconds", "peak_rss_mb")
 HEADERS = ("method", "bits", "group", "sym", "data", "ppl", "Δppl", "KL", "top-1", "time (s)", "peak RSS (MB)")
 
@@ -42,9 +45,11 @@ def cell(key: str, value) -> str:
 
 def table(rows: list[dict]) -> str:
     """A GitHub Markdown table of ``rows``."""
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    extra = [k for k in OPTIONAL if any(r.get(k) is not None for r in rows)]
+    keys, headers = extra + list(COLUMNS), [OPTIONAL[k] for k in extra] + list(HEADERS)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
-        lines.append("| " + " | ".join(cell(k, r.get(k)) for k in COLUMNS) + " |")
+        lines.append("| " + " | ".join(cell(k, r.get(k)) for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -93,21 +98,20 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def render(results: Path, with_png: bool = True) -> str:
-    """The Markdown "Results" section for every known JSON in ``results`` (and their PNGs)."""
+    """The Markdown "Results" section for every known JSON in ``results``; draws the peers' PNGs."""
     out = ["## Results", ""]
-    found = False
-    for name, title in TABLES.items():
-        path = results / name
-        if not path.is_file():
-            continue
-        found = True
+    paths = [p for prefix in TABLES for p in sorted(results.glob(f"{prefix}*.json"))]
+    for path in paths:
+        prefix = next(k for k in TABLES if path.name.startswith(k))
+        suffix = path.stem[len(prefix) :].lstrip("_")
+        title = TABLES[prefix] + (f" ({suffix})" if suffix else "")
         result = json.loads(path.read_text())
-        png = None
-        if with_png:
-            png = path.with_suffix(".png").name
-            plot(result["rows"], results / png, title)
-        out += [section(title, result, png), ""]
-    if not found:
+        png = path.with_suffix(".png")
+        if with_png and prefix == "peers":
+            plot(result["rows"], png, title)
+        link = png.name if png.is_file() else None
+        out += [section(title, result, link), ""]
+    if not paths:
         out.append(f"No results yet: run `python bench/peers.py` (writes {results}/peers.json).")
     return "\n".join(out).rstrip() + "\n"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Quantize every model under a root that has no quantized sibling yet (the scheduled batch step).
 
-    python launch/batch_quantize.py --models /mnt/models --config configs/smollm2-w4g64.yaml \
+    python launch/batch_quantize.py --models /mnt/models --config configs/quickstart.yaml \
         --suffix=-w4g64 [--out-root s3://bucket/quantized] [--set k=v ...] [--max-models N] [--dry-run]
 
 A model is a directory holding ``config.json`` (a Hugging Face checkpoint) or a ``.gguf`` file.
@@ -83,7 +83,7 @@ def quantize_command(zsaq: str, config: str, item: Pending, sets: list[str]) -> 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", required=True, help="directory or fsspec URI holding one model per entry")
-    p.add_argument("--config", required=True, help="zsaq recipe YAML, e.g. configs/smollm2-w4g64.yaml")
+    p.add_argument("--config", required=True, help="zsaq recipe YAML, e.g. configs/quickstart.yaml")
     p.add_argument(
         "--suffix",
         required=True,

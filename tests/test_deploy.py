@@ -148,6 +148,14 @@ def test_runs_as_non_root_without_secrets():
             assert not re.search(r"(^|\s)\.(\s|$)", rest), "COPY . would pull the whole context into the image"
 
 
+def test_venv_on_path_for_login_shells():
+    """KubeRay runs `bash -lc -- ray start ...`: a login shell resets PATH from /etc/profile."""
+    runs = " ".join(rest for ins, rest in instructions() if ins == "RUN")
+    assert "export PATH=\"/opt/venv/bin:$PATH\"' > /etc/profile.d/" in runs
+    env = " ".join(rest for ins, rest in instructions() if ins == "ENV")
+    assert "PATH=/opt/venv/bin:$PATH" in env
+
+
 def test_smoke_command_is_zsaq_help():
     ins = dict(instructions())
     assert '"zsaq", "--help"' in ins.get("HEALTHCHECK", "") and '"zsaq", "--help"' in ins.get("CMD", "")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -105,7 +106,8 @@ def _proc_table() -> dict[int, tuple[int, str]]:
 def head_pids(temp_dir: str) -> set[int]:
     """Processes of the head started with ``temp_dir`` and all their descendants (workers, drivers)."""
     table = _proc_table()
-    pids = {pid for pid, (_, cmd) in table.items() if temp_dir in cmd and pid != os.getpid()}
+    own = re.compile(re.escape(temp_dir) + r"(/|\s|$)")  # this head's dir exactly, not a longer name
+    pids = {pid for pid, (_, cmd) in table.items() if own.search(cmd) and pid != os.getpid()}
     grew = True
     while grew:
         kids = {pid for pid, (ppid, _) in table.items() if ppid in pids} - pids

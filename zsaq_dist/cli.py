@@ -78,10 +78,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from zsaq_dist.eval import evaluate, format_table
     from zsaq_dist.io.load import load_model
 
-    model, tok = load_model(ModelCfg(path=args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code))
+    model, tok = load_model(
+        ModelCfg(path=args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code), device=args.device
+    )
     ref = None
     if args.reference:
-        ref, ref_tok = load_model(ModelCfg(path=args.reference, dtype=args.dtype))
+        ref, ref_tok = load_model(ModelCfg(path=args.reference, dtype=args.dtype), device=args.device)
         tok = tok or ref_tok
     if tok is None:
         raise ZsaqError(f"{args.model} has no tokenizer files: pass --reference with the teacher, which has them")
@@ -157,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=16384, help="evaluate at most this many tokens")
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     e.add_argument("--with-reference-row", action="store_true", help="also evaluate the reference and print both rows")
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--json", action="store_true", help="print JSON")

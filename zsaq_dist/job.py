@@ -84,13 +84,41 @@ def base_report(cfg: Config) -> dict[str, Any]:
     }
 
 
+def load_seed_model(cfg: Config, device: torch.device) -> nn.Module | None:
+    """The optional smaller LM that writes the seed sequences (it must share the teacher's tokenizer)."""
+    path = cfg.method.seed_data.seed_model
+    if path is None or cfg.method.name in ("rtn", "noise"):
+        return None
+    from zsaq_dist.config import ModelCfg
+    from zsaq_dist.io.load import load_model
+
+    model, _ = load_model(ModelCfg(path=path, dtype=cfg.model.dtype), device=str(device))
+    return freeze(model)
+
+
 def train_student(teacher: nn.Module, student: nn.Module, tokenizer: Any, cfg: Config) -> dict[str, Any]:
     """Run the configured method; RTN trains nothing."""
     if cfg.method.name == "rtn" or cfg.method.steps == 0:
         return {}
     from zsaq_dist.minimax.trainer import train
 
-    return train(teacher, student, tokenizer, cfg)
+    seed_model = load_seed_model(cfg, next(teacher.parameters()).device)
+    return train(teacher, student, tokenizer, cfg, seed_model=seed_model)
+
+
+def curves_png(history: dict[str, Any]) -> dict[str, bytes]:
+    """``{"training_curves.png": bytes}`` for a trained run, else empty."""
+    if not history:
+        return {}
+    import tempfile
+    from pathlib import Path
+
+    from zsaq_dist.minimax.trainer import plot_history
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "curves.png"
+        plot_history(history, str(path))
+        return {"training_curves.png": path.read_bytes()}
 
 
 def evaluate_in_memory(teacher: nn.Module, student: nn.Module, tokenizer: Any, cfg: Config) -> dict[str, Any]:
@@ -134,7 +162,7 @@ def run_quantize(cfg: Config) -> dict[str, Any]:
         report["eval_seconds"] = round(time.perf_counter() - t2, 2)
 
     report["total_seconds_before_export"] = round(time.perf_counter() - t0, 2)
-    out = export_checkpoint(student, tokenizer, cfg, report)
+    out = export_checkpoint(student, tokenizer, cfg, report, extra_files=curves_png(history))
     report["output"] = out
     report["total_seconds"] = round(time.perf_counter() - t0, 2)
     return report

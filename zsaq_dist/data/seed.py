@@ -69,15 +69,24 @@ def _first_token(allowed: torch.Tensor, rng: torch.Generator) -> int:
     return int(ids[torch.randint(len(ids), (1,), generator=rng)])
 
 
-def _sample_next(logits: torch.Tensor, greedy: bool, cfg: SeedDataCfg, rng: torch.Generator) -> int:
-    """One token from one row of logits (V,) with special tokens already at -inf."""
+def _sample_rows(logits: torch.Tensor, greedy: bool, cfg: SeedDataCfg, rngs: list[torch.Generator]) -> list[int]:
+    """One token per row of ``logits`` (B, V), special tokens already at -inf.
+
+    The top-k cut and the softmax run batched on the model's device; only the draw over the
+    k survivors uses each sequence's own CPU generator, so sequence i depends on (seed, i) alone.
+    """
     if greedy:
-        return int(logits.argmax())
-    logits = logits / cfg.temperature
-    if cfg.top_k is not None and cfg.top_k < logits.numel():
-        kth = torch.topk(logits, cfg.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=rng))
+        return logits.argmax(-1).tolist()
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
+        vals, idx = torch.topk(logits, cfg.top_k, dim=-1)  # (B, k)
+    else:
+        vals, idx = logits, None
+    probs = torch.softmax(vals, -1).cpu()  # (B, k)
+    picks = [int(torch.multinomial(probs[b], 1, generator=g)) for b, g in enumerate(rngs)]
+    if idx is None:
+        return picks
+    return idx.cpu().gather(1, torch.tensor(picks).unsqueeze(1)).squeeze(1).tolist()
 
 
 @torch.no_grad()
@@ -93,9 +102,8 @@ def _generate_chunk(
     for t in range(1, seq_len):
         out = model(input_ids=step_ids.to(device), past_key_values=past, use_cache=True)
         past = out.past_key_values
-        logits = out.logits[:, -1, : allowed.numel()].float().masked_fill(ban, float("-inf")).cpu()  # (B, V)
-        greedy = t <= cfg.greedy_tokens
-        nxt = [_sample_next(logits[b], greedy, cfg, rngs[b]) for b in range(len(idx))]
+        logits = out.logits[:, -1, : allowed.numel()].masked_fill(ban, float("-inf"))  # (B, V)
+        nxt = _sample_rows(logits, t <= cfg.greedy_tokens, cfg, rngs)
         step_ids = torch.tensor(nxt, dtype=torch.long).unsqueeze(1)  # (B, 1)
         ids = torch.cat([ids, step_ids], dim=1)
     return ids

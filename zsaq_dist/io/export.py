@@ -26,7 +26,7 @@ The pieces are public so that the distributed export can run them per rank:
     w.close(); barrier()
     if rank == 0:
         finalize_shards(fs, work, [f"rank{r:05d}" for r in range(world)])
-        write_metadata(fs, work, model, tokenizer, cfg, report); write_manifest(fs, work)
+        write_metadata(fs, work, model, tokenizer, cfg, report, extra_files); write_manifest(fs, work)
 """
 
 from __future__ import annotations
@@ -157,9 +157,15 @@ def _put_tokenizer(fs: fsspec.AbstractFileSystem, dir: str, tokenizer: Any) -> N
 
 
 def write_metadata(
-    fs: fsspec.AbstractFileSystem, dir: str, model: nn.Module, tokenizer: Any, cfg: Config, report: dict
+    fs: fsspec.AbstractFileSystem,
+    dir: str,
+    model: nn.Module,
+    tokenizer: Any,
+    cfg: Config,
+    report: dict,
+    extra_files: dict[str, bytes] | None = None,
 ) -> None:
-    """Write config.json, generation_config.json, tokenizer files and zsaq_report.json into ``dir``."""
+    """Write config.json, generation_config.json, tokenizer files, zsaq_report.json and ``extra_files`` into ``dir``."""
     write_json(fs, join(dir, "config.json"), config_dict(model, cfg.quant.weights.observer))
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -168,6 +174,9 @@ def write_metadata(
         _put_tokenizer(fs, dir, tokenizer)
     with fs.open(join(dir, REPORT), "w") as f:
         f.write(json.dumps(report, indent=2, default=str) + "\n")
+    for name, data in (extra_files or {}).items():
+        with fs.open(join(dir, name), "wb") as f:
+            f.write(data)
 
 
 def _check_target(fs: fsspec.AbstractFileSystem, target: str, overwrite: bool) -> None:
@@ -216,7 +225,13 @@ def _export_error(err: BaseException, work: str) -> ExportError | None:
 
 
 def export_checkpoint(
-    model: nn.Module, tokenizer: Any, cfg: Config, report: dict, progress: bool = True, gather: Gather | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    cfg: Config,
+    report: dict,
+    progress: bool = True,
+    gather: Gather | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> str:
     """Write the compressed-tensors checkpoint of a prepared ``model`` to ``cfg.output.dir``; returns its path."""
     fs, target = resolve(cfg.output.dir)
@@ -232,7 +247,7 @@ def export_checkpoint(
             writer.add(tensors)
         writer.close()
         finalize_shards(fs, work)
-        write_metadata(fs, work, model, tokenizer, cfg, report)
+        write_metadata(fs, work, model, tokenizer, cfg, report, extra_files)
         write_manifest(fs, work)
         if local:
             _swap_in(work, target)

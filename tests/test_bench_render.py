@@ -1,0 +1,120 @@
+"""bench/render.py turns the benchmark JSON files into Markdown (and a PNG) without running anything."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def render():
+    return _load("render")
+
+
+def _row(method, bits, sym, data, ppl, kl, top1, seconds=1.5, rss=812.4):
+    return {
+        "method": method,
+        "bits": bits,
+        "group_size": 64,
+        "symmetric": sym,
+        "data": data,
+        "ppl": ppl,
+        "dppl": ppl - 10.0,
+        "kl": kl,
+        "top1": top1,
+        "seconds": seconds,
+        "peak_rss_mb": rss,
+    }
+
+
+def _peers() -> dict:
+    teacher = {
+        "method": "fp32 (teacher)",
+        "bits": 32,
+        "group_size": None,
+        "symmetric": None,
+        "data": "none",
+        "ppl": 10.0,
+        "dppl": 0.0,
+        "kl": 0.0,
+        "top1": 1.0,
+        "seconds": 0.0,
+        "peak_rss_mb": None,
+    }
+    return {
+        "machine": "TestCPU, 2 cores",
+        "date": "2026-11-22 21:00 UTC",
+        "command": "python bench/peers.py --quick",
+        "rows": [
+            teacher,
+            _row("HQQ", 4, False, "none", 11.25, 0.0312, 0.9123),
+            _row("GPTQ (llm-compressor)", 3, True, "real-data calibration", 14.5, 0.25, 0.8),
+        ],
+    }
+
+
+def test_render_peers_table(render, tmp_path):
+    (tmp_path / "peers.json").write_text(json.dumps(_peers()))
+    md = render.render(tmp_path)
+    lines = md.splitlines()
+    assert lines[0] == "## Results"
+    assert "- machine: TestCPU, 2 cores" in lines and "- date: 2026-11-22 21:00 UTC" in lines
+    assert "- command: `python bench/peers.py --quick`" in lines
+    rows = [ln for ln in lines if ln.startswith("| ")]
+    assert len(rows) == 4  # header + teacher + 2 rows
+    assert rows[0].startswith("| method | bits | group | sym | data | ppl | Δppl | KL | top-1")
+    assert rows[1] == "| fp32 (teacher) | 32 | - | - | none | 10.000 | +0.000 | 0.0000 | 100.00% | 0 | - |"
+    assert rows[2] == "| HQQ | 4 | g64 | asym | none | 11.250 | +1.250 | 0.0312 | 91.23% | 2 | 812 |"
+    assert "| GPTQ (llm-compressor) | 3 | g64 | sym | real-data calibration | 14.500 | +4.500 | 0.2500 |" in rows[3]
+    png = tmp_path / "peers.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![Peers: HQQ, GPTQ, AWQ side by side](peers.png)" in md
+
+
+def test_render_merges_quality_first_and_cli_writes_file(render, tmp_path):
+    (tmp_path / "peers.json").write_text(json.dumps(_peers()))
+    quality = {
+        "machine": "m",
+        "date": "d",
+        "command": "python bench/quality.py",
+        "rows": [_row("zsaq", 4, True, "none", 10.5, float("nan"), 0.95)],
+    }
+    (tmp_path / "quality.json").write_text(json.dumps(quality))
+    render.main(["--results", str(tmp_path), "--no-png"])
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert md.index("### Quality") < md.index("### Peers")
+    assert "| zsaq | 4 | g64 | sym | none | 10.500 | +0.500 | - | 95.00% | 2 | 812 |" in md
+    assert not (tmp_path / "peers.png").exists()
+
+
+def test_render_without_results_says_how_to_get_them(render, tmp_path):
+    md = render.render(tmp_path)
+    assert "python bench/peers.py" in md and "|" not in md
+
+
+def test_plan_grid(monkeypatch):
+    """The default grid, --quick and --all select the rows the README describes (no venv, no model)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("peers", None)
+    peers = _load("peers")
+    full = peers.plan(quick=False)
+    assert all(r["group_size"] == 64 for r in full)
+    keys = {(r["method"], r["bits"], r["symmetric"], r["data"]) for r in full}
+    assert ("gptq", 3, True, "self") in keys and ("hqq", 3, False, "none") in keys and ("rtn", 4, False, "none") in keys
+    assert not any(r["method"] == "awq" for r in full)
+    assert {r["bits"] for r in peers.plan(quick=True)} == {4}
+    everything = peers.plan(quick=False, everything=True)
+    assert ("awq", 4, False, "real") in {(r["method"], r["bits"], r["symmetric"], r["data"]) for r in everything}

@@ -1,0 +1,170 @@
+"""Ray Train + DeepSpeed on CPU: 2 gloo workers against the single-process trainer.
+
+One embedded Ray instance serves every test of the module. Each Ray run
+trains a tiny Llama for a few SAM-SGA steps and exports it; the assertions
+compare loss, SAM norm and exported tensors with the single-process path
+(``minimax.trainer.train`` + ``io.export``), which is the 1-worker run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_llama, save_tiny
+from safetensors.torch import load_file
+from test_load_fixtures import make_word_tokenizer
+
+from zsaq_dist.config import Config, validate
+
+STEPS = 4
+
+
+def _cfg(root: Path, name: str, model: str, **dist) -> Config:
+    return validate(
+        {
+            "model": {"path": model},
+            "quant": {"weights": {"group_size": 32}},
+            "method": {
+                "steps": STEPS,
+                "batch_size": 2,
+                "seq_len": 8,
+                "lr": 1e-3,
+                "scale_lr": 1e-3,
+                "seed_data": {"num_sequences": 4, "cache_dir": str(root / "seed")},
+                "generator": {"noise_dim": 8, "hidden_dim": 16},
+            },
+            "dist": dist,
+            "output": {"dir": str(root / name)},
+            "eval": {"seq_len": 16, "max_tokens": 64, "batch_size": 2},
+        }
+    )
+
+
+def _tensors(out: str | Path) -> dict[str, torch.Tensor]:
+    files = sorted(Path(out).glob("model-*.safetensors"))
+    assert files, f"no shards in {out}"
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(f))
+    return tensors
+
+
+def _assert_same_tensors(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dist")
+
+
+@pytest.fixture(scope="module")
+def model_dir(root) -> str:
+    path = save_tiny(make_tiny_llama(seed=3), root / "tiny")
+    make_word_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=3, include_dashboard=False, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(root, model_dir) -> dict:
+    """The single-process run: trainer history (with SAM norms) and its exported tensors."""
+    from zsaq_dist import job
+    from zsaq_dist.io.export import export_checkpoint
+    from zsaq_dist.minimax.trainer import train
+
+    cfg = _cfg(root, "ref", model_dir, launcher="local")
+    teacher, tok = job.load_teacher(cfg, torch.device("cpu"))
+    student = job.build_student(teacher, cfg)
+    norms: list[float] = []
+    hist = train(teacher, student, tok, cfg, progress=False, on_step=lambda s, m: norms.append(m["grad_norm"]))
+    ev = job.evaluate_in_memory(teacher, student, tok, cfg)
+    out = export_checkpoint(student, tok, cfg, {}, progress=False)
+    return {"loss": hist["loss"], "grad_norm": norms, "tensors": _tensors(out), "eval": ev}
+
+
+def _run(ray_local, cfg: Config) -> dict:
+    from zsaq_dist.dist.driver import run
+
+    return run(cfg)
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_two_workers_match_single_process(ray_local, root, model_dir, reference, stage):
+    rep = _run(ray_local, _cfg(root, f"z{stage}", model_dir, num_workers=2, zero_stage=stage))
+    hist, d = rep["history"], rep["dist"]
+    assert d["num_workers"] == 2 and d["zero_stage"] == stage
+    # same global batch -> same trajectory, SAM norm = the single-process norm
+    torch.testing.assert_close(torch.tensor(hist["loss"]), torch.tensor(reference["loss"]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(hist["grad_norm"]), torch.tensor(reference["grad_norm"]), atol=1e-4, rtol=1e-4
+    )
+    assert all(n > 0 for n in hist["grad_norm"])
+    _assert_same_tensors(_tensors(root / f"z{stage}"), reference["tensors"], atol=1e-5)
+    for who in ("teacher", "quantized"):  # evaluated on the engines' modules, every rank a collective forward
+        assert rep["eval"][who]["ppl"] == pytest.approx(reference["eval"][who]["ppl"], rel=1e-4)
+    assert rep["eval"]["quantized"]["kl"] == pytest.approx(reference["eval"]["quantized"]["kl"], abs=1e-5)
+    # each rank holds about half: the whole student (ZeRO-3) or its trainable state (ZeRO-2); teacher ZeRO-3
+    parts = d["student_partition_numel"]
+    assert abs(parts[0] - parts[1]) <= 0.01 * parts[0]
+    if stage == 3:
+        assert sum(parts) == pytest.approx(d["student_numel"], rel=0.01)
+    t = d["teacher_partition_numel"]
+    assert max(t) <= 0.51 * d["teacher_numel"]
+    assert json.loads((root / f"z{stage}" / "config.json").read_text())["quantization_config"]["format"]
+
+
+def test_killed_worker_resumes_to_the_same_result(ray_local, root, model_dir, reference):
+    cfg = _cfg(
+        root, "fault", model_dir, num_workers=2, zero_stage=3, checkpoint_every=2, fail_at_step=3, max_failures=1
+    )
+    rep = _run(ray_local, cfg)
+    assert Path(cfg.dist.storage_path or f"{cfg.output.dir}.ray", "fault_injected").is_file()
+    assert rep["dist"]["resumed_from_step"] == 2
+    _assert_same_tensors(_tensors(root / "fault"), reference["tensors"], atol=1e-5)
+    assert rep["history"]["loss"] == pytest.approx(reference["loss"], abs=1e-4)  # restored + resumed steps
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    from zsaq_dist.dist import checkpoint
+    from zsaq_dist.errors import ConfigError
+
+    torch.save({"config_hash": "aaaa", "next_step": 1}, tmp_path / checkpoint.STATE)
+    with pytest.raises(ConfigError, match="config hash aaaa"):
+        checkpoint.load(None, "bbbb", str(tmp_path))
+
+
+def test_existing_output_fails_before_ray_starts(tmp_path, monkeypatch):
+    from zsaq_dist.dist import driver
+    from zsaq_dist.errors import ExportError
+
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(driver, "init_ray", lambda cfg: pytest.fail("Ray must not start"))
+    with pytest.raises(ExportError, match="overwrite"):
+        driver.run(_cfg(tmp_path, "out", "unused", num_workers=2))
+
+
+def test_global_batch_must_split_over_workers(tmp_path):
+    from zsaq_dist.dist.engines import micro_batch
+    from zsaq_dist.errors import ConfigError
+
+    cfg = _cfg(tmp_path, "out", "unused", num_workers=3)
+    assert micro_batch(cfg, 2) == 1
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        micro_batch(cfg, 3)

@@ -1,0 +1,114 @@
+"""``run(cfg)``: the Ray driver of ``zsaq quantize`` (``dist.launcher: ray``).
+
+Joins a cluster when ``dist.address`` or ``RAY_ADDRESS`` says where one is
+(``ray job submit`` sets ``RAY_ADDRESS`` for its entrypoint); otherwise starts
+Ray embedded in this process, dashboard on 127.0.0.1 only, sized to the workers. Then runs a
+``TorchTrainer`` whose workers execute :func:`zsaq_dist.dist.worker.train_loop`
+and returns the report that rank 0 wrote next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from zsaq_dist.config import Config
+from zsaq_dist.errors import ZsaqError
+from zsaq_dist.io.export import REPORT, _check_target
+from zsaq_dist.io.fs import resolve
+
+log = logging.getLogger("zsaq.dist")
+
+
+def storage_path(cfg: Config) -> str:
+    """Where Ray Train keeps checkpoints: ``dist.storage_path`` or ``<output.dir>.ray`` (absolute)."""
+    if cfg.dist.storage_path:
+        return cfg.dist.storage_path
+    return os.path.abspath(cfg.output.dir.rstrip("/") + ".ray")
+
+
+def _worker_env(cfg: Config) -> dict[str, str]:
+    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if not cfg.dist.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def init_ray(cfg: Config) -> bool:
+    """Connect to (or start) Ray; returns True if this call started it (the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.dist.address or os.environ.get("RAY_ADDRESS")
+    if address:  # a job's runtime_env (working_dir, env) stays as submitted; setup_comm sets DS_ACCELERATOR
+        ray.init(address=address, log_to_driver=True)
+        return True
+    cpus_per_worker = (cfg.dist.resources_per_worker or {}).get("CPU", 1)
+    num_cpus = max(int(cfg.dist.num_workers * cpus_per_worker) + 1, os.cpu_count() or 1)
+    # "local" never attaches to someone else's cluster on this machine; the dashboard (loopback only)
+    # serves the State API that Ray Train's placement-group cleaner polls, else it logs a warning a second
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env={"env_vars": _worker_env(cfg)},
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    return True
+
+
+def trainer(cfg: Config):
+    """The ``TorchTrainer`` for ``cfg`` (workers, resources, storage, failures)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from zsaq_dist.dist.worker import train_loop
+
+    d = cfg.dist
+    resources = d.resources_per_worker or {"CPU": 1}
+    store = storage_path(cfg)
+    payload = cfg.model_dump(mode="json")
+    payload["dist"]["storage_path"] = store
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=payload,
+        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"zsaq-{cfg.hash()}",
+            storage_path=store,
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run the job on Ray Train workers; returns the report (also in ``<output.dir>/zsaq_report.json``)."""
+    import ray
+    from ray.train import TrainingFailedError
+
+    fs, target = resolve(cfg.output.dir)
+    _check_target(fs, target, cfg.output.overwrite)  # fail before training, not after
+    started = init_ray(cfg)
+    try:
+        try:
+            trainer(cfg).fit()
+        except TrainingFailedError as err:
+            raise ZsaqError(
+                f"the Ray Train job failed after {cfg.dist.max_failures} restarts: {err}. "
+                "See the worker traceback above; raise dist.max_failures to retry more"
+            ) from err
+    finally:
+        if started:
+            ray.shutdown()
+    path = Path(cfg.output.dir) / REPORT
+    if not path.is_file():
+        raise ZsaqError(f"the workers finished but {path} is missing: check that output.dir is on a shared filesystem")
+    return json.loads(path.read_text())

@@ -1,0 +1,113 @@
+"""The SAM-SGA game on DeepSpeed engines: the single-process ``minimax`` step with dist mechanics.
+
+Student step ``k`` uses global samples ``[k*B, (k+1)*B)`` exactly as
+``minimax.trainer``; rank ``r`` of ``N`` takes the slice ``[r*B/N, (r+1)*B/N)``.
+Every loss is a mean over this rank's slice and DeepSpeed (student) or an
+all-reduce (generator) averages the gradients, which gives the gradient of the
+global mean: the trajectory does not depend on ``N``. The generator is
+replicated; every rank applies the same averaged gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from zsaq_dist.config import Config
+from zsaq_dist.dist import sam as dsam
+from zsaq_dist.dist.engines import micro_batch, student_engine, teacher_engine, world
+from zsaq_dist.minimax.generator import STREAM_GENERATOR, STREAM_GM
+from zsaq_dist.minimax.step import (
+    generator_ascent_step,
+    generator_objective,
+    sam_student_step,
+    student_loss,
+    teacher_targets,
+)
+from zsaq_dist.minimax.student import make_optimizer, student_params
+from zsaq_dist.minimax.trainer import Inputs, batch_indices
+from zsaq_dist.optim.schedule import make_scheduler
+
+
+def local_indices(step: int, cfg: Config) -> range:
+    """This rank's global sample numbers at student step ``step``."""
+    rank, n = world()
+    idx = batch_indices(step, cfg.method.batch_size)
+    mb = micro_batch(cfg, n)
+    return idx[rank * mb : (rank + 1) * mb]
+
+
+def average_grads(params: list[nn.Parameter]) -> None:
+    """All-reduce (mean) the gradients of a replicated module."""
+    _, n = world()
+    if n == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(n)
+
+
+def average_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Mean of per-rank metrics over ranks (each rank's value is a mean over its equal-sized slice)."""
+    _, n = world()
+    if n == 1 or not metrics:
+        return metrics
+    keys = sorted(k for k in metrics if k != "grad_norm")  # the SAM norm is already global
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return {**metrics, **{k: float(v) / n for k, v in zip(keys, t.tolist(), strict=True)}}
+
+
+class DistGame:
+    """Engines, optimizers and inputs of one worker; :meth:`step` is one SAM-SGA student step."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, inp: Inputs, cfg: Config):
+        m = self.m = cfg.method
+        self.cfg, self.inp = cfg, inp
+        weights, scales = student_params(student)
+        opt = make_optimizer(weights, scales, m)
+        sched = make_scheduler(opt, m.steps, m.warmup_steps, m.schedule)
+        self.student = student_engine(student, opt, sched, cfg)
+        self.teacher = teacher_engine(teacher, cfg)
+        self.mech = dsam.mechanics(self.student, weights)  # SAM moves the weights only, as the trainer does
+        self.every = m.generator.student_steps_per_generator_step
+        self.ascent = inp.generator is not None and m.ascent
+        self.g_opt = self.g_sched = None
+        if self.ascent:
+            self.g_opt = torch.optim.Adam(inp.generator.parameters(), lr=m.generator.lr, maximize=True)
+            gen_steps = math.ceil(m.steps / self.every)
+            self.g_sched = make_scheduler(self.g_opt, gen_steps, m.warmup_steps // self.every, m.schedule)
+
+    def generator_step(self, step: int, idx: range) -> dict[str, float]:
+        """One ascent step of the replicated generator on this rank's slice, gradients averaged."""
+        inp, m = self.inp, self.m
+        e = inp.seed_embeds(idx)
+        z = inp.noise(step, idx, STREAM_GENERATOR, e)
+        xi = inp.noise(step, idx, STREAM_GM, e) if m.generator.lambda_gm > 0 else None
+
+        def objective():  # the engines' modules: an engine forward reserves backward for engine.backward
+            return generator_objective(self.teacher.module, self.student.module, inp.generator, z, e, m, xi)
+
+        params = list(inp.generator.parameters())
+        metrics = generator_ascent_step(objective, params, self.g_opt, m.grad_clip, reduce_grads=average_grads)
+        self.g_sched.step()
+        return average_metrics(metrics)
+
+    def step(self, step: int) -> tuple[dict[str, float], dict[str, float] | None, float]:
+        """Student step ``step``: (global student metrics, generator metrics or None, lr used)."""
+        m = self.m
+        idx = local_indices(step, self.cfg)
+        gen = self.generator_step(step, idx) if self.ascent and step % self.every == 0 else None
+        x = self.inp.student_batch(step, idx)
+        target = teacher_targets(self.teacher, x, m)
+        lr = self.student.get_lr()[0]
+
+        def loss_fn():
+            return student_loss(self.student, x, target, m)
+
+        metrics = sam_student_step(loss_fn, self.mech, m.rho, m.adaptive_sam, dsam.group(self.student))
+        return average_metrics(metrics), gen, lr

@@ -1,0 +1,139 @@
+"""``train_loop(config)``: what every Ray Train worker runs (Ray's DeepSpeed fine-tuning layout).
+
+Load the teacher, build the student (RTN), make the seed sequences (rank 0,
+broadcast) and the generator, wrap teacher and student in DeepSpeed engines,
+resume from ``ray.train.get_checkpoint()``, run the SAM-SGA steps with a
+checkpoint every ``dist.checkpoint_every``, then export in parallel. Rank 0
+logs and writes the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zsaq_dist import job
+from zsaq_dist.config import Config, validate
+from zsaq_dist.dist import checkpoint
+from zsaq_dist.dist import sam as dsam
+from zsaq_dist.dist.engines import setup_comm, world
+from zsaq_dist.dist.export import _broadcast, export_parallel
+from zsaq_dist.dist.game import DistGame
+from zsaq_dist.minimax.student import freeze, make_student
+from zsaq_dist.minimax.trainer import Inputs, _history, _record, _seed_ids, resolve_mode
+
+log = logging.getLogger("zsaq.dist")
+FAIL_MARKER = "fault_injected"
+KILL_DELAY_S = 5.0
+
+
+def _maybe_fail(cfg: Config, step: int) -> None:
+    """Fault injection for tests: the last rank exits hard at ``dist.fail_at_step``, once per storage path."""
+    rank, n = world()
+    if cfg.dist.fail_at_step != step or rank != n - 1:
+        return
+    marker = Path(cfg.dist.storage_path or ".") / FAIL_MARKER
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"worker {rank} killed at step {step}\n")
+    # Ray Train's controller collects reported checkpoints when it polls the workers (every 2 s by
+    # default); dying before that poll loses the last one and the run restarts from the one before.
+    time.sleep(KILL_DELAY_S)
+    os._exit(1)
+
+
+def _inputs(teacher, tokenizer, cfg: Config) -> Inputs:
+    """Seed sequences (generated once on rank 0, broadcast) and the generator, before any partitioning."""
+    m = cfg.method
+    mode = resolve_mode(m)
+    rank, _ = world()
+    seed_ids = None
+    if mode != "noise":
+        seed_ids = _broadcast(_seed_ids(teacher, None, tokenizer, m) if rank == 0 else None)
+    torch.manual_seed(m.seed)  # the generator's initial weights, identical on every rank
+    return Inputs(teacher, mode, m, seed_ids)
+
+
+def _train(game: DistGame, cfg: Config, start: int, hist: dict | None) -> dict[str, Any]:
+    """Student steps ``start..steps-1``, appended to ``hist`` (restored from the checkpoint, or new)."""
+    m, rank = cfg.method, world()[0]
+    hist = hist or {"mode": game.inp.mode, "method": m.name, **_history(), "grad_norm": []}
+    t_start = time.perf_counter()
+    for step in range(start, m.steps):
+        _maybe_fail(cfg, step)
+        t0 = time.perf_counter()
+        metrics, gen, lr = game.step(step)
+        secs = time.perf_counter() - t0
+        _record(hist, step, metrics, gen, lr, secs)
+        hist["grad_norm"].append(metrics.get("grad_norm"))
+        if rank == 0 and step % m.log_every == 0:
+            log.info("step %d loss %.5f kl %.5f %.2fs", step, metrics["loss"], metrics["kl"], secs)
+        every = cfg.dist.checkpoint_every
+        if every and (step + 1) % every == 0 and step + 1 < m.steps:
+            checkpoint.report(game, step + 1, cfg.hash(), {"step": step, **metrics}, hist)
+    hist["total_seconds"] = hist.get("total_seconds", 0.0) + time.perf_counter() - t_start
+    return hist
+
+
+def _gather(x: Any) -> list[Any]:
+    _, n = world()
+    if n == 1:
+        return [x]
+    out: list[Any] = [None] * n
+    torch.distributed.all_gather_object(out, x)
+    return out
+
+
+def _dist_summary(game: DistGame, cfg: Config, start: int) -> dict[str, Any]:
+    """Workers, stage, resume point, and the parameter elements each rank holds (student and teacher)."""
+    teacher_local = sum(p.ds_tensor.numel() for p in game.teacher.module.parameters())
+    return {
+        "num_workers": world()[1],
+        "zero_stage": cfg.dist.zero_stage,
+        "resumed_from_step": start,
+        "student_numel": sum(
+            p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in game.student.module.parameters()
+        ),
+        "student_partition_numel": _gather(dsam.partition_numel(game.student)),
+        "teacher_numel": sum(p.ds_numel for p in game.teacher.module.parameters()),
+        "teacher_partition_numel": _gather(teacher_local),
+    }
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One worker: validate ``config`` again, train, export; every rank must run it."""
+    import ray.train
+
+    cfg = validate(config, "(sent to the Ray worker)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_comm(cfg.dist.use_gpu)
+    t0 = time.perf_counter()
+    report = job.base_report(cfg)
+    teacher, tokenizer = job.load_teacher(cfg, job.device_for(cfg))
+    learnable = cfg.method.learnable_scales and cfg.method.name != "rtn"
+    student = make_student(freeze(teacher), cfg.quant, learnable)
+    report.update(job.quant_summary(student))
+    inp = _inputs(teacher, tokenizer, cfg)
+    game = DistGame(teacher, student, inp, cfg)
+    start, hist = checkpoint.resume(game, cfg.hash())
+    report["load_seconds"] = round(time.perf_counter() - t0, 2)
+    report["dist"] = _dist_summary(game, cfg, start)
+    if cfg.method.name != "rtn" and cfg.method.steps > 0:
+        report["history"] = _train(game, cfg, start, hist)
+    if cfg.eval is not None:
+        # every rank runs the same forwards: under ZeRO-3 each one is a collective
+        t2 = time.perf_counter()
+        report["eval"] = job.evaluate_in_memory(game.teacher.module, game.student.module, tokenizer, cfg)
+        report["eval_seconds"] = round(time.perf_counter() - t2, 2)
+    t1 = time.perf_counter()
+    report["output"] = cfg.output.dir
+    export_parallel(game.student.module, tokenizer, cfg, report)
+    report["export_seconds"] = round(time.perf_counter() - t1, 2)
+    final = {"done": 1.0, "loss": report.get("history", {}).get("loss", [None])[-1] or 0.0}
+    ray.train.report(final)
