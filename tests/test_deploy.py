@@ -151,7 +151,7 @@ def test_runs_as_non_root_without_secrets():
 def test_venv_on_path_for_login_shells():
     """KubeRay runs `bash -lc -- ray start ...`: a login shell resets PATH from /etc/profile."""
     runs = " ".join(rest for ins, rest in instructions() if ins == "RUN")
-    assert "export PATH=\"/opt/venv/bin:$PATH\"' > /etc/profile.d/" in runs
+    assert 'export PATH="/opt/venv/bin:$PATH"\' > /etc/profile.d/' in runs
     env = " ".join(rest for ins, rest in instructions() if ins == "ENV")
     assert "PATH=/opt/venv/bin:$PATH" in env
 

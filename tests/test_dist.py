@@ -20,6 +20,10 @@ from test_load_fixtures import make_word_tokenizer
 from zsaq_dist.config import Config, validate
 
 STEPS = 4
+# Adam moves every weight by about +-lr whatever its gradient's size, so a gradient at rounding-noise
+# level (different summation order on 1 vs 2 ranks) can flip its sign and move a weight across a
+# quantization boundary. A small lr keeps that probability negligible; the steps still change scales
+# and codes far beyond the tolerances below.
 
 
 def _cfg(root: Path, name: str, model: str, **dist) -> Config:
@@ -31,8 +35,8 @@ def _cfg(root: Path, name: str, model: str, **dist) -> Config:
                 "steps": STEPS,
                 "batch_size": 2,
                 "seq_len": 8,
-                "lr": 1e-3,
-                "scale_lr": 1e-3,
+                "lr": 1e-5,
+                "scale_lr": 1e-5,
                 "seed_data": {"num_sequences": 4, "cache_dir": str(root / "seed")},
                 "generator": {"noise_dim": 8, "hidden_dim": 16},
             },
