@@ -64,3 +64,11 @@ def test_format_and_hash():
     assert b.quant.format == "pack-quantized"
     c = validate({**BASE, "output": {"dir": "elsewhere"}, "dist": {"num_workers": 4}})
     assert b.hash() == c.hash() != a.hash()
+
+
+def test_readme_config_reference_is_current():
+    import subprocess
+    import sys
+
+    table = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_reference.py")], capture_output=True, text=True, check=True).stdout
+    assert table.strip() in (ROOT / "README.md").read_text(), "regenerate it: python scripts/config_reference.py"

@@ -168,9 +168,8 @@ def test_compressed_tensors_checkpoint_loads_for_eval(tmp_path, act):
 
 
 def test_missing_weights_are_an_error_not_random_init(tmp_path):
-    from safetensors.torch import load_file, save_file
-
     from conftest import make_tiny_llama
+    from safetensors.torch import load_file, save_file
 
     d = tmp_path / "m"
     make_tiny_llama().save_pretrained(d)

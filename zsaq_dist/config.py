@@ -26,16 +26,16 @@ class _Strict(BaseModel):
 
 class ModelCfg(_Strict):
     path: str = Field(description="local HF directory, a .gguf file, a hub id, or 'demo:smollm2-135m-instruct'")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
-    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of teacher, student and scales")
+    trust_remote_code: bool = Field(False, description="run the model repository's own code (only for models you trust)")
+    revision: str | None = Field(None, description="hub revision, for hub ids")
 
 
 class WeightQuantCfg(_Strict):
-    bits: int = 4
-    group_size: int | None = 128
-    symmetric: bool = True
-    observer: Literal["minmax", "mse"] = "minmax"
+    bits: int = Field(4, description="2-8; vLLM's kernels take 4 and 8")
+    group_size: int | None = Field(128, description="must divide every targeted layer's input dim; null = per-channel")
+    symmetric: bool = Field(True, description="false adds zero points (vLLM loads them; transformers with dequantize)")
+    observer: Literal["minmax", "mse"] = Field("minmax", description="initial scales: min-max, or MSE-optimal clip search")
 
     @field_validator("bits")
     @classmethod
@@ -53,7 +53,7 @@ class WeightQuantCfg(_Strict):
 
 
 class ActQuantCfg(_Strict):
-    bits: int = 8
+    bits: int = Field(8, description="dynamic per-token symmetric int8 on each targeted Linear's input")
 
     @field_validator("bits")
     @classmethod
@@ -68,9 +68,9 @@ class ActQuantCfg(_Strict):
 
 class QuantCfg(_Strict):
     weights: WeightQuantCfg = WeightQuantCfg()
-    activations: ActQuantCfg | None = None
-    targets: list[str] = ["Linear"]
-    ignore: list[str] = ["lm_head"]
+    activations: ActQuantCfg | None = Field(None, description="{bits: 8} for W8A8 / W4A8; null = weight-only")
+    targets: list[str] = Field(["Linear"], description="class names, module names or 're:' regexes")
+    ignore: list[str] = Field(["lm_head"], description="same forms; these stay in full precision")
 
     @model_validator(mode="after")
     def _format_fits(self) -> QuantCfg:
@@ -97,76 +97,78 @@ class QuantCfg(_Strict):
 
 
 class GeneratorCfg(_Strict):
-    mode: Literal["adversarial", "self_sample", "noise"] = "adversarial"
-    lr: float = 1e-3
+    mode: Literal["adversarial", "self_sample", "noise"] = Field(
+        "adversarial", description="inputs for method zsaq; methods self_sample and noise force their own"
+    )
+    lr: float = Field(1e-3, description="generator (adapter) learning rate, gradient ascent")
     radius: float = Field(0.1, ge=0.0, description="max perturbation relative to the embedding norm")
-    noise_dim: int = 64
-    hidden_dim: int = 128
+    noise_dim: int = Field(64, description="dimension of the noise z")
+    hidden_dim: int = Field(128, description="width of the adapter MLP")
     student_steps_per_generator_step: int = Field(1, ge=1)
-    lambda_nat: float = Field(0.1, ge=0.0)
+    lambda_nat: float = Field(0.1, ge=0.0, description="weight of R_nat (keeps inputs plausible to the teacher)")
     r_nat: Literal["nll", "norm"] = Field("nll", description="teacher NLL of its argmax continuation, or embedding-norm penalty")
-    lambda_gm: float = Field(0.0, ge=0.0)
-    lambda_div: float = Field(0.0, ge=0.0)
-    rho_z: float = Field(0.05, ge=0.0)
+    lambda_gm: float = Field(0.0, ge=0.0, description="sharpness-aware data term: gradient match with a latent neighbour")
+    lambda_div: float = Field(0.0, ge=0.0, description="diversity of the samples' gradients")
+    rho_z: float = Field(0.05, ge=0.0, description="latent radius of the GM neighbour")
 
 
 class SeedDataCfg(_Strict):
-    num_sequences: int = Field(64, ge=1)
-    greedy_tokens: int = Field(3, ge=0)
+    num_sequences: int = Field(64, ge=1, description="teacher-generated sequences per run (cached)")
+    greedy_tokens: int = Field(3, ge=0, description="greedy tokens after the uniform first one; then sampling")
     temperature: float = Field(1.0, gt=0.0)
     top_k: int | None = 50
-    cache_dir: str | None = None
+    cache_dir: str | None = Field(None, description="default ~/.cache/zsaq_dist/seed")
     seed_model: str | None = Field(None, description="a smaller LM sharing the tokenizer; default: the teacher")
 
 
 class MethodCfg(_Strict):
     name: Literal["rtn", "zsaq", "self_sample", "noise"] = "zsaq"
     steps: int = Field(100, ge=0, description="student optimizer steps")
-    seed: int = 0
+    seed: int = Field(0, description="seeds noise, seed sequences and sampling by global sample number")
     batch_size: int = Field(8, ge=1, description="global batch (all workers together)")
-    seq_len: int = Field(128, ge=2)
-    lr: float = Field(1e-5, ge=0.0)
-    scale_lr: float = Field(1e-4, ge=0.0)
-    learnable_scales: bool = True
+    seq_len: int = Field(128, ge=2, description="tokens per synthetic sequence")
+    lr: float = Field(5e-5, ge=0.0, description="student weights (AdamW)")
+    scale_lr: float = Field(1e-6, ge=0.0, description="learnable quantization scales; keep <= lr/10")
+    learnable_scales: bool = Field(True, description="train weight_scale (LSQ-style) with the weights")
     weight_decay: float = Field(0.0, ge=0.0)
     rho: float = Field(0.05, ge=0.0, description="SAM radius; 0 = plain AdamW")
-    adaptive_sam: bool = False
+    adaptive_sam: bool = Field(False, description="ASAM: perturbation scaled by abs(w)")
     ascent: bool = Field(True, description="false freezes the generator (ablation)")
-    tau: float = Field(1.0, gt=0.0)
-    lambda_hidden: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(0, ge=0)
+    tau: float = Field(1.0, gt=0.0, description="distillation temperature (loss scaled by tau^2)")
+    lambda_hidden: float = Field(0.0, ge=0.0, description="weight of the hidden-state MSE")
+    warmup_steps: int = Field(5, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = Field(1.0, description="max gradient norm; null = no clipping")
     generator: GeneratorCfg = GeneratorCfg()
     seed_data: SeedDataCfg = SeedDataCfg()
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, description="progress-bar update interval (steps)")
 
 
 class DistCfg(_Strict):
     launcher: Literal["ray", "local"] = Field(
         "ray", description="ray: Ray Train workers (embedded Ray if no cluster); local: this process only"
     )
-    num_workers: int = Field(1, ge=1)
-    zero_stage: int = Field(0, ge=0, le=3)
-    use_gpu: bool = False
-    address: str | None = None
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel + ZeRO shards)")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage of the student (teacher: always 3 when >0)")
+    use_gpu: bool = Field(False, description="one GPU per worker, nccl")
+    address: str | None = Field(None, description="Ray cluster; default RAY_ADDRESS, else embedded Ray")
     resources_per_worker: dict[str, float] | None = None
     checkpoint_every: int = Field(0, ge=0, description="0 = no intermediate checkpoints")
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(0, ge=-1, description="worker failures to resume from (-1 = no limit)")
     fail_at_step: int | None = Field(None, description="fault injection for tests: kill a worker at this step once")
-    storage_path: str | None = None
+    storage_path: str | None = Field(None, description="Ray Train checkpoints; default <output.dir>.ray")
 
 
 class OutputCfg(_Strict):
-    dir: str
-    max_shard_size: str = "2GB"
-    overwrite: bool = False
+    dir: str = Field(description="local path or fsspec URI (s3://, gs://, ...)")
+    max_shard_size: str = Field("2GB", description="size of each safetensors shard")
+    overwrite: bool = Field(False, description="replace an existing output (only once the new one is complete)")
 
 
 class EvalCfg(_Strict):
     text: str | None = Field(None, description="a text file; default: stdlib pydoc_data.topics prose")
-    seq_len: int = Field(512, ge=2)
-    max_tokens: int | None = Field(16384, ge=2)
+    seq_len: int = Field(512, ge=2, description="non-overlapping evaluation windows")
+    max_tokens: int | None = Field(16384, ge=2, description="evaluate at most this many tokens")
     batch_size: int = Field(4, ge=1)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from zsaq_dist.config import Config
 from zsaq_dist.errors import ZsaqError
-from zsaq_dist.io.export import REPORT, _check_target
+from zsaq_dist.io.export import REPORT, check_target
 from zsaq_dist.io.fs import resolve
 
 log = logging.getLogger("zsaq.dist")
@@ -95,7 +95,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from ray.train import TrainingFailedError
 
     fs, target = resolve(cfg.output.dir)
-    _check_target(fs, target, cfg.output.overwrite)  # fail before training, not after
+    check_target(fs, target, cfg.output.overwrite)  # fail before training, not after
     started = init_ray(cfg)
     try:
         try:

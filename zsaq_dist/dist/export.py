@@ -20,7 +20,7 @@ from zsaq_dist.config import Config
 from zsaq_dist.dist.engines import world
 from zsaq_dist.errors import ExportError
 from zsaq_dist.io.compress import model_format
-from zsaq_dist.io.export import _check_target, _swap_in, module_tensors, write_metadata
+from zsaq_dist.io.export import check_target, swap_in, module_tensors, write_metadata
 from zsaq_dist.io.fs import is_local, remove_tree, resolve
 from zsaq_dist.io.manifest import write_manifest
 from zsaq_dist.io.shards import ShardWriter, finalize_shards
@@ -51,7 +51,7 @@ def _work_dir(cfg: Config) -> str:
     if rank == 0:
         try:
             fs, target = resolve(cfg.output.dir)
-            _check_target(fs, target, cfg.output.overwrite)
+            check_target(fs, target, cfg.output.overwrite)
             work = f"{target}.tmp-{secrets.token_hex(4)}" if is_local(fs) else target
             fs.makedirs(work, exist_ok=True)
         except ExportError as err:  # the other ranks would wait in the broadcast forever
@@ -80,7 +80,7 @@ def export_parallel(model: nn.Module, tokenizer: Any, cfg: Config, report: dict)
             write_metadata(fs, work, model, tokenizer, cfg, report)
             write_manifest(fs, work)
             if is_local(fs):
-                _swap_in(work, target)
+                swap_in(work, target)
     except BaseException:
         if rank == 0:
             remove_tree(fs, work)

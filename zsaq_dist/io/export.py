@@ -179,7 +179,7 @@ def write_metadata(
             f.write(data)
 
 
-def _check_target(fs: fsspec.AbstractFileSystem, target: str, overwrite: bool) -> None:
+def check_target(fs: fsspec.AbstractFileSystem, target: str, overwrite: bool) -> None:
     if fs.exists(target) and not fs.isdir(target):
         raise ExportError(f"output.dir {target} is a file: choose a directory path for output.dir")
     if fs.exists(target) and not overwrite:
@@ -199,7 +199,7 @@ def _clear_remote(fs: fsspec.AbstractFileSystem, target: str) -> None:
         raise ExportError(f"cannot remove the previous checkpoint at {target} ({err}): remove it by hand") from err
 
 
-def _swap_in(work: str, target: str) -> None:
+def swap_in(work: str, target: str) -> None:
     """Rename ``work`` to ``target``; an existing ``target`` is replaced only once ``work`` is complete."""
     if not os.path.exists(target):
         os.rename(work, target)  # atomic on one filesystem
@@ -236,7 +236,7 @@ def export_checkpoint(
     """Write the compressed-tensors checkpoint of a prepared ``model`` to ``cfg.output.dir``; returns its path."""
     fs, target = resolve(cfg.output.dir)
     local = is_local(fs)
-    _check_target(fs, target, cfg.output.overwrite)
+    check_target(fs, target, cfg.output.overwrite)
     fmt = model_format(model)
     work = f"{target}.tmp-{secrets.token_hex(4)}" if local else target
     if not local and fs.exists(target):
@@ -250,7 +250,7 @@ def export_checkpoint(
         write_metadata(fs, work, model, tokenizer, cfg, report, extra_files)
         write_manifest(fs, work)
         if local:
-            _swap_in(work, target)
+            swap_in(work, target)
     except BaseException as err:
         remove_tree(fs, work)
         mapped = _export_error(err, work)
