@@ -132,7 +132,7 @@ def main() -> None:
     name = "quality" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
     fp = _eval(teacher, teacher, args, WORK / "eval-fp.log")
-    rows = [{"setting": "fp", "method": "fp", "bits": 16, "group_size": None, "symmetric": None, "act_bits": None,
+    rows = [{"setting": "fp", "method": "fp", "bits": 32, "group_size": None, "symmetric": None, "act_bits": None,
              "data": "none", "ppl": fp["ppl"], "dppl": 0.0, "kl": 0.0, "top1": 1.0, "seconds": 0.0, "peak_rss_mb": None}]
     device = args.device
     if device == "cuda":

@@ -84,11 +84,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r.get("kl") and r.get("bits", 32) < 16]
-    labels = [f"{r['method']}\nW{r['bits']} {cell('symmetric', r.get('symmetric'))}\n{r.get('data', '')}" for r in rows]
+    short = {"real-data calibration": "real data", "data-free (self-generated)": "self-generated", "none": "no data"}
+    labels = [
+        f"{r['method'].split(' (')[0]}\nW{r['bits']} {cell('symmetric', r.get('symmetric'))}\n"
+        f"{short.get(r.get('data'), r.get('data', ''))}"
+        for r in rows
+    ]
     colours = {4: "tab:blue", 3: "tab:orange", 2: "tab:red", 8: "tab:green"}
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
     ax.bar(range(len(rows)), [r["kl"] for r in rows], color=[colours.get(r["bits"], "tab:gray") for r in rows])
-    ax.set_xticks(range(len(rows)), labels, fontsize=6)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("KL(teacher || quantized) per token (lower is better)")
     ax.set_title(title)

@@ -172,3 +172,22 @@ def test_global_batch_must_split_over_workers(tmp_path):
     assert micro_batch(cfg, 2) == 1
     with pytest.raises(ConfigError, match="multiple of 3"):
         micro_batch(cfg, 3)
+
+
+def test_relative_paths_are_resolved_before_workers_see_them(tmp_path, monkeypatch):
+    """Ray workers run in another working directory, so `output.dir: out/x` must mean the caller's out/x."""
+    from zsaq_dist.config import validate
+    from zsaq_dist.dist.driver import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    raw = {"model": {"path": "models/m"}, "output": {"dir": "out/x"}, "eval": {"text": "t.txt"},
+           "method": {"seed_data": {"cache_dir": "seeds"}}}
+    cfg = absolute_paths(validate(raw))
+    assert cfg.model.path == str(tmp_path / "models" / "m")
+    assert cfg.output.dir == str(tmp_path / "out" / "x")
+    assert cfg.eval.text == str(tmp_path / "t.txt")
+    assert cfg.method.seed_data.cache_dir == str(tmp_path / "seeds")
+    for keep in ("org/name", "demo:smollm2-135m-instruct"):
+        assert absolute_paths(validate({**raw, "model": {"path": keep}})).model.path == keep
+    assert absolute_paths(validate({**raw, "output": {"dir": "s3://b/x"}})).output.dir == "s3://b/x"

@@ -9,16 +9,14 @@ and returns the report that rank 0 wrote next to the checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
-from zsaq_dist.config import Config
+from zsaq_dist.config import Config, validate
 from zsaq_dist.errors import ZsaqError
 from zsaq_dist.io.export import REPORT, check_target
-from zsaq_dist.io.fs import resolve
+from zsaq_dist.io.fs import join, read_json, resolve
 
 log = logging.getLogger("zsaq.dist")
 
@@ -53,6 +51,7 @@ def init_ray(cfg: Config) -> bool:
     # serves the State API that Ray Train's placement-group cleaner polls, else it logs a warning a second
     ray.init(
         address="local",
+        _node_ip_address="127.0.0.1",  # embedded Ray: GCS, object store, workers and gloo on loopback only
         num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
@@ -89,11 +88,34 @@ def trainer(cfg: Config):
     )
 
 
+def _absolute(path: str | None, must_exist: bool = False) -> str | None:
+    if path is None or "://" in path or path.startswith("demo:") or os.path.isabs(path):
+        return path
+    if must_exist and not os.path.exists(path):
+        return path  # not a local path: a hub id such as org/name
+    return os.path.abspath(path)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Ray workers run in their own working directory: resolve the caller's relative local paths first."""
+    d = cfg.model_dump()
+    d["model"]["path"] = _absolute(d["model"]["path"], must_exist=True)
+    d["output"]["dir"] = _absolute(d["output"]["dir"])
+    d["dist"]["storage_path"] = _absolute(d["dist"]["storage_path"])
+    sd = d["method"]["seed_data"]
+    sd["cache_dir"] = _absolute(sd["cache_dir"])
+    sd["seed_model"] = _absolute(sd["seed_model"], must_exist=True)
+    if d.get("eval"):
+        d["eval"]["text"] = _absolute(d["eval"]["text"])
+    return validate(d)
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Run the job on Ray Train workers; returns the report (also in ``<output.dir>/zsaq_report.json``)."""
     import ray
     from ray.train import TrainingFailedError
 
+    cfg = absolute_paths(cfg)
     fs, target = resolve(cfg.output.dir)
     check_target(fs, target, cfg.output.overwrite)  # fail before training, not after
     started = init_ray(cfg)
@@ -108,7 +130,10 @@ def run(cfg: Config) -> dict[str, Any]:
     finally:
         if started:
             ray.shutdown()
-    path = Path(cfg.output.dir) / REPORT
-    if not path.is_file():
-        raise ZsaqError(f"the workers finished but {path} is missing: check that output.dir is on a shared filesystem")
-    return json.loads(path.read_text())
+    path = join(target, REPORT)
+    if not fs.isfile(path):
+        raise ZsaqError(
+            f"the workers finished but {path} is missing: output.dir must be reachable from every worker "
+            "(a shared filesystem or an object-store URI)"
+        )
+    return read_json(fs, path)
