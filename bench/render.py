@@ -121,17 +121,66 @@ def render(results: Path, with_png: bool = True) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _ratio_lines(results: Path) -> list[str]:
+    """Where zsaq stands: each method's perplexity increase as a multiple of RTN's in the same run.
+
+    Runs with different evaluation budgets are only compared through this ratio, never by raw perplexity.
+    """
+    lines = []
+    for path in sorted(results.glob("quality*.json")):
+        rows = json.loads(path.read_text())["rows"]
+        for setting in dict.fromkeys(r["setting"] for r in rows if r["method"] != "fp"):
+            rs = {r["method"]: r for r in rows if r["setting"] == setting}
+            if "rtn" not in rs:
+                continue
+            base = rs["rtn"]["dppl"]
+            parts = [f"{m} {r['dppl']:+.2f} ({r['dppl'] / base:.2f}x)" for m, r in rs.items() if m != "rtn"]
+            lines.append(f"- `{path.name}` {setting}: RTN {base:+.2f}; " + ", ".join(parts))
+    for path in sorted(results.glob("peers*.json")):
+        rows = json.loads(path.read_text())["rows"]
+        rtn = {(r["bits"], r["group_size"], r["symmetric"]): r["dppl"] for r in rows if r["method"].startswith("RTN")}
+        for r in rows:
+            key = (r["bits"], r["group_size"], r["symmetric"])
+            if r["method"].startswith(("RTN", "fp")) or key not in rtn:
+                continue
+            sym = "sym" if r["symmetric"] else "asym"
+            lines.append(
+                f"- `{path.name}` W{r['bits']} g{r['group_size']} {sym}: {r['method']} ({r['data']}) "
+                f"{r['dppl']:+.2f} = {r['dppl'] / rtn[key]:.2f}x RTN {sym} ({rtn[key]:+.2f})"
+            )
+    return lines
+
+
+def update_readme(readme: Path, results: Path) -> None:
+    """Replace the text between the results markers of ``readme`` with the rendered section."""
+    begin, end = "<!-- results:begin (bench/render.py --readme) -->", "<!-- results:end -->"
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme} lacks the markers {begin} ... {end}")
+    body = render(results, with_png=False).replace("](", f"]({results.relative_to(readme.parent)}/")
+    ratios = "\n".join(_ratio_lines(results))
+    body = body.replace("## Results\n", "## Results\n\nPerplexity increase over FP as a multiple of RTN's in the "
+                        "same run (lower is better; runs differ in evaluation budget, so compare ratios, not ppl):\n\n"
+                        + ratios + "\n", 1)
+    head, rest = text.split(begin, 1)
+    readme.write_text(head + begin + "\n" + body + rest[rest.index(end):])
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: write the Markdown section (and PNGs) next to the JSON files."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--out", help="Markdown file (default: RESULTS.md in --results)")
     p.add_argument("--no-png", action="store_true")
+    p.add_argument("--readme", help="also rewrite the Results section of this README (between its markers)")
     args = p.parse_args(argv)
     results = Path(args.results)
     out = Path(args.out) if args.out else results / "RESULTS.md"
     out.write_text(render(results, with_png=not args.no_png))
     print(f"[render] wrote {out}")
+    if args.readme:
+        update_readme(Path(args.readme).resolve(), results.resolve())
+        print(f"[render] updated {args.readme}")
 
 
 if __name__ == "__main__":
