@@ -159,11 +159,14 @@ def update_readme(readme: Path, results: Path) -> None:
         raise SystemExit(f"{readme} lacks the markers {begin} ... {end}")
     body = render(results, with_png=False).replace("](", f"]({results.relative_to(readme.parent)}/")
     ratios = "\n".join(_ratio_lines(results))
-    body = body.replace("## Results\n", "## Results\n\nPerplexity increase over FP as a multiple of RTN's in the "
-                        "same run (lower is better; runs differ in evaluation budget, so compare ratios, not ppl):\n\n"
-                        + ratios + "\n", 1)
+    body = body.replace(
+        "## Results\n",
+        "## Results\n\nPerplexity increase over FP as a multiple of RTN's in the "
+        "same run (lower is better; runs differ in evaluation budget, so compare ratios, not ppl):\n\n" + ratios + "\n",
+        1,
+    )
     head, rest = text.split(begin, 1)
-    readme.write_text(head + begin + "\n" + body + rest[rest.index(end):])
+    readme.write_text(head + begin + "\n" + body + rest[rest.index(end) :])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -125,10 +125,15 @@ def test_plan_grid(monkeypatch):
 def test_readme_section_is_rewritten_between_markers_with_ratios(render, tmp_path):
     results = tmp_path / "bench" / "results"
     results.mkdir(parents=True)
-    rows = [_row("RTN (zsaq_dist)", 3, True, "none", 30.0, 1.0, 0.5), _row("GPTQ", 3, True, "real-data calibration", 15.0, 0.5, 0.6)]
+    rows = [
+        _row("RTN (zsaq_dist)", 3, True, "none", 30.0, 1.0, 0.5),
+        _row("GPTQ", 3, True, "real-data calibration", 15.0, 0.5, 0.6),
+    ]
     (results / "peers.json").write_text(json.dumps({"machine": "m", "date": "d", "command": "c", "rows": rows}))
-    q = [dict(_row("rtn", 3, True, "none", 50.0, 1.0, 0.5), setting="w3g64"),
-         dict(_row("zsaq", 3, True, "self-generated (zero-shot)", 20.0, 0.4, 0.7), setting="w3g64")]
+    q = [
+        dict(_row("rtn", 3, True, "none", 50.0, 1.0, 0.5), setting="w3g64"),
+        dict(_row("zsaq", 3, True, "self-generated (zero-shot)", 20.0, 0.4, 0.7), setting="w3g64"),
+    ]
     (results / "quality_gpu.json").write_text(json.dumps({"machine": "m", "date": "d", "command": "c", "rows": q}))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:begin (bench/render.py --readme) -->\nold\n<!-- results:end -->\ntail\n")
