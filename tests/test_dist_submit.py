@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,19 +20,11 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import make_tiny_llama, save_tiny
+from conftest import free_ports, make_tiny_llama, save_tiny
 
 BIN = Path(sys.executable).parent
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _kill_head(proc: subprocess.Popen, temp_dir: str) -> None:
@@ -60,7 +51,7 @@ def _in_group(p: psutil.Process, pgid: int) -> bool:
 
 @pytest.fixture
 def head():
-    gcs, dash, client, agent, agent_grpc, rt_agent, metrics = _free_ports(7)
+    gcs, dash, client, agent, agent_grpc, rt_agent, metrics = free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="zsaqray", dir="/tmp")  # short: Ray's socket paths are length-limited
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ""}
     env["RAY_AUTH_MODE"] = "disabled"  # a loopback-only test head; a token file in ~/.ray must not matter

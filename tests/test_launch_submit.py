@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_llama, save_tiny
+from conftest import free_ports, make_tiny_llama, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBMIT = ROOT / "launch" / "submit.sh"
@@ -80,14 +79,6 @@ def test_usage_and_config_errors_exit_2_before_submitting(tmp_path, args, messag
 # ---------------------------------------------------------------- a private Ray head (slow)
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _proc_table() -> dict[int, tuple[int, str]]:

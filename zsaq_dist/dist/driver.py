@@ -47,11 +47,12 @@ def init_ray(cfg: Config) -> bool:
         return True
     cpus_per_worker = (cfg.dist.resources_per_worker or {}).get("CPU", 1)
     num_cpus = max(int(cfg.dist.num_workers * cpus_per_worker) + 1, os.cpu_count() or 1)
-    # "local" never attaches to someone else's cluster on this machine; the dashboard (loopback only)
+    # "local" never attaches to someone else's cluster on this machine. The dashboard listens on loopback only;
+    # Ray's core gRPC ports follow the node IP (Ray 2.60 rewrites a loopback _node_ip_address to the routable
+    # one, services.resolve_ip_for_localhost) and are guarded by Ray's token auth. The dashboard
     # serves the State API that Ray Train's placement-group cleaner polls, else it logs a warning a second
     ray.init(
         address="local",
-        _node_ip_address="127.0.0.1",  # embedded Ray: GCS, object store, workers and gloo on loopback only
         num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",

@@ -28,7 +28,7 @@ from zsaq_dist.minimax.step import (
     teacher_targets,
 )
 from zsaq_dist.minimax.student import make_optimizer, student_params
-from zsaq_dist.minimax.trainer import Inputs, batch_indices
+from zsaq_dist.minimax.trainer import Inputs, batch_indices, generator_optimizer
 from zsaq_dist.optim.schedule import make_scheduler
 
 
@@ -78,9 +78,7 @@ class DistGame:
         self.ascent = inp.generator is not None and m.ascent
         self.g_opt = self.g_sched = None
         if self.ascent:
-            self.g_opt = torch.optim.Adam(inp.generator.parameters(), lr=m.generator.lr, maximize=True)
-            gen_steps = math.ceil(m.steps / self.every)
-            self.g_sched = make_scheduler(self.g_opt, gen_steps, m.warmup_steps // self.every, m.schedule)
+            self.g_opt, self.g_sched = generator_optimizer(inp.generator, m)
 
     def generator_step(self, step: int, idx: range) -> dict[str, float]:
         """One ascent step of the replicated generator on this rank's slice, gradients averaged."""

@@ -49,6 +49,13 @@ def resolve_mode(cfg: MethodCfg) -> str:
     return cfg.name if cfg.name in ("self_sample", "noise") else cfg.generator.mode
 
 
+def generator_optimizer(generator: nn.Module, m: MethodCfg) -> tuple[torch.optim.Optimizer, object]:
+    """Adam with ``maximize=True`` (gradient ascent) and its schedule over the generator's own steps."""
+    every = m.generator.student_steps_per_generator_step
+    opt = torch.optim.Adam(generator.parameters(), lr=m.generator.lr, maximize=True)
+    return opt, make_scheduler(opt, math.ceil(m.steps / every), m.warmup_steps // every, m.schedule)
+
+
 def batch_indices(step: int, batch_size: int) -> range:
     """Global sample numbers of student step ``step``."""
     return range(step * batch_size, (step + 1) * batch_size)
@@ -121,9 +128,7 @@ class Game:
         self.every = m.generator.student_steps_per_generator_step
         self.ascent = inp.generator is not None and m.ascent
         if self.ascent:
-            self.g_opt = torch.optim.Adam(inp.generator.parameters(), lr=m.generator.lr, maximize=True)
-            gen_steps = math.ceil(m.steps / self.every)
-            self.g_sched = make_scheduler(self.g_opt, gen_steps, m.warmup_steps // self.every, m.schedule)
+            self.g_opt, self.g_sched = generator_optimizer(inp.generator, m)
 
     def generator_step(self, step: int, idx: range) -> dict[str, float]:
         """One ascent step of the generator on fresh noise, the student fixed."""
