@@ -12,8 +12,6 @@ from typing import Any
 
 from zsaq_dist.errors import ZsaqError
 
-log = logging.getLogger("zsaq")
-
 
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):

@@ -6,8 +6,6 @@ worker; ``run_quantize`` is the single-process path (``dist.launcher: local``).
 
 from __future__ import annotations
 
-import copy
-import logging
 import platform
 import time
 from typing import Any
@@ -17,9 +15,8 @@ from torch import nn
 
 from zsaq_dist import __version__
 from zsaq_dist.config import Config
-from zsaq_dist.quant import convert, prepare, quant_modules
-
-log = logging.getLogger("zsaq")
+from zsaq_dist.minimax.student import freeze, make_student
+from zsaq_dist.quant import convert, quant_modules
 
 
 def device_for(cfg: Config) -> torch.device:
@@ -34,31 +31,13 @@ def device_for(cfg: Config) -> torch.device:
 
 
 def build_student(teacher: nn.Module, cfg: Config) -> nn.Module:
-    """A fake-quantized copy of ``teacher`` (RTN-initialised) with the trainable parts the method asks for."""
-    student = copy.deepcopy(teacher)
-    learnable = cfg.method.learnable_scales and cfg.method.name != "rtn"
-    prepare(student, cfg.quant, learnable_scales=learnable)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    if cfg.method.name != "rtn":
-        for _, m in quant_modules(student):
-            m.weight.requires_grad_(cfg.method.lr > 0)
-            m.weight_scale.requires_grad_(learnable)
-    return student
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Teacher: eval mode, no gradients, ever."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    """A fake-quantized copy of ``teacher`` (RTN-initialised); scales learnable when a trained method asks."""
+    return make_student(teacher, cfg.quant, cfg.method.learnable_scales and cfg.method.name != "rtn")
 
 
 def load_teacher(cfg: Config, device: torch.device) -> tuple[nn.Module, Any]:
     """The full-precision teacher and its tokenizer."""
     from zsaq_dist.io.load import load_model
-
     teacher, tokenizer = load_model(cfg.model, device=str(device))
     return freeze(teacher), tokenizer
 
@@ -91,7 +70,6 @@ def load_seed_model(cfg: Config, device: torch.device) -> nn.Module | None:
         return None
     from zsaq_dist.config import ModelCfg
     from zsaq_dist.io.load import load_model
-
     model, _ = load_model(ModelCfg(path=path, dtype=cfg.model.dtype), device=str(device))
     return freeze(model)
 

@@ -62,7 +62,9 @@ def _work_dir(cfg: Config) -> str:
     return work
 
 
-def export_parallel(model: nn.Module, tokenizer: Any, cfg: Config, report: dict) -> str:
+def export_parallel(
+    model: nn.Module, tokenizer: Any, cfg: Config, report: dict, extra_files: dict[str, bytes] | None = None
+) -> str:
     """Write the checkpoint of ``model`` (an engine's module) from all ranks; returns the output path."""
     rank, n = world()
     work = _work_dir(cfg)
@@ -77,7 +79,7 @@ def export_parallel(model: nn.Module, tokenizer: Any, cfg: Config, report: dict)
             dist.barrier()
         if rank == 0:
             finalize_shards(fs, work, [f"rank{r:05d}" for r in range(n)])
-            write_metadata(fs, work, model, tokenizer, cfg, report)
+            write_metadata(fs, work, model, tokenizer, cfg, report, extra_files)
             write_manifest(fs, work)
             if is_local(fs):
                 swap_in(work, target)

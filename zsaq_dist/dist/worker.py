@@ -24,8 +24,7 @@ from zsaq_dist.dist import sam as dsam
 from zsaq_dist.dist.engines import setup_comm, world
 from zsaq_dist.dist.export import _broadcast, export_parallel
 from zsaq_dist.dist.game import DistGame
-from zsaq_dist.minimax.student import freeze, make_student
-from zsaq_dist.minimax.trainer import Inputs, _history, _record, _seed_ids, resolve_mode
+from zsaq_dist.minimax.trainer import Inputs, new_history, record_step, load_seed_ids, resolve_mode
 
 log = logging.getLogger("zsaq.dist")
 FAIL_MARKER = "fault_injected"
@@ -55,7 +54,8 @@ def _inputs(teacher, tokenizer, cfg: Config) -> Inputs:
     rank, _ = world()
     seed_ids = None
     if mode != "noise":
-        seed_ids = _broadcast(_seed_ids(teacher, None, tokenizer, m) if rank == 0 else None)
+        seed_model = job.load_seed_model(cfg, job.device_for(cfg)) if rank == 0 else None
+        seed_ids = _broadcast(load_seed_ids(teacher, seed_model, tokenizer, m) if rank == 0 else None)
     torch.manual_seed(m.seed)  # the generator's initial weights, identical on every rank
     return Inputs(teacher, mode, m, seed_ids)
 
@@ -63,14 +63,14 @@ def _inputs(teacher, tokenizer, cfg: Config) -> Inputs:
 def _train(game: DistGame, cfg: Config, start: int, hist: dict | None) -> dict[str, Any]:
     """Student steps ``start..steps-1``, appended to ``hist`` (restored from the checkpoint, or new)."""
     m, rank = cfg.method, world()[0]
-    hist = hist or {"mode": game.inp.mode, "method": m.name, **_history(), "grad_norm": []}
+    hist = hist or {"mode": game.inp.mode, "method": m.name, **new_history(), "grad_norm": []}
     t_start = time.perf_counter()
     for step in range(start, m.steps):
         _maybe_fail(cfg, step)
         t0 = time.perf_counter()
         metrics, gen, lr = game.step(step)
         secs = time.perf_counter() - t0
-        _record(hist, step, metrics, gen, lr, secs)
+        record_step(hist, step, metrics, gen, lr, secs)
         hist["grad_norm"].append(metrics.get("grad_norm"))
         if rank == 0 and step % m.log_every == 0:
             log.info("step %d loss %.5f kl %.5f %.2fs", step, metrics["loss"], metrics["kl"], secs)
@@ -116,8 +116,7 @@ def train_loop(config: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     report = job.base_report(cfg)
     teacher, tokenizer = job.load_teacher(cfg, job.device_for(cfg))
-    learnable = cfg.method.learnable_scales and cfg.method.name != "rtn"
-    student = make_student(freeze(teacher), cfg.quant, learnable)
+    student = job.build_student(teacher, cfg)
     report.update(job.quant_summary(student))
     inp = _inputs(teacher, tokenizer, cfg)
     game = DistGame(teacher, student, inp, cfg)
@@ -133,7 +132,8 @@ def train_loop(config: dict[str, Any]) -> None:
         report["eval_seconds"] = round(time.perf_counter() - t2, 2)
     t1 = time.perf_counter()
     report["output"] = cfg.output.dir
-    export_parallel(game.student.module, tokenizer, cfg, report)
+    curves = job.curves_png(report.get("history", {})) if world()[0] == 0 else {}
+    export_parallel(game.student.module, tokenizer, cfg, report, extra_files=curves)
     report["export_seconds"] = round(time.perf_counter() - t1, 2)
     final = {"done": 1.0, "loss": report.get("history", {}).get("loss", [None])[-1] or 0.0}
     ray.train.report(final)

@@ -95,18 +95,21 @@ class Inputs:
         return self.generator(self.noise(step, idx, STREAM_STUDENT, e), e)
 
 
-def _history() -> dict[str, list]:
+def new_history() -> dict[str, list]:
+    """Empty per-step history (the lists written to zsaq_report.json)."""
     keys = ("step", "loss", "kl", "sam_loss", "gen_obj", "gen_kl", "lr", "seconds")
     return {k: [] for k in keys}
 
 
-def _record(hist: dict, step: int, m: dict, gen: dict | None, lr: float, secs: float) -> None:
+def record_step(hist: dict, step: int, m: dict, gen: dict | None, lr: float, secs: float) -> None:
+    """Append one step's metrics (``None`` where a step had no generator phase)."""
     row = {"step": step, "lr": lr, "seconds": secs, **m, **(gen or {})}
-    for k in _history():
+    for k in new_history():
         hist[k].append(row.get(k))
 
 
-def _seed_ids(teacher, seed_model, tokenizer, cfg: MethodCfg) -> torch.Tensor:
+def load_seed_ids(teacher, seed_model, tokenizer, cfg: MethodCfg) -> torch.Tensor:
+    """All seed sequences, written by ``seed_model`` when the config names one, else by the teacher (cached)."""
     if cfg.seed_data.seed_model is not None and seed_model is None:
         raise ConfigError(
             f"method.seed_data.seed_model={cfg.seed_data.seed_model!r} is set but no seed model was passed: "
@@ -176,13 +179,13 @@ def train(
     """
     m = cfg.method
     mode = resolve_mode(m)
-    hist = {"mode": mode, "method": m.name, **_history()}
+    hist = {"mode": mode, "method": m.name, **new_history()}
     if m.name == "rtn" or m.steps == 0:
         return hist | {"total_seconds": 0.0}
     freeze(teacher)
     set_trainable(student, m.learnable_scales)
     torch.manual_seed(m.seed)  # the generator's initial weights
-    seed_ids = None if mode == "noise" else _seed_ids(teacher, seed_model, tokenizer, m)
+    seed_ids = None if mode == "noise" else load_seed_ids(teacher, seed_model, tokenizer, m)
     game = Game(teacher, student, Inputs(teacher, mode, m, seed_ids))
     t_start = time.perf_counter()
     bar = tqdm(range(m.steps), disable=not progress, desc=f"zsaq {mode}", dynamic_ncols=True)
@@ -190,7 +193,7 @@ def train(
         t0 = time.perf_counter()
         metrics, gen, lr = game.step(step)
         secs = time.perf_counter() - t0
-        _record(hist, step, metrics, gen, lr, secs)
+        record_step(hist, step, metrics, gen, lr, secs)
         if step % m.log_every == 0:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}", s=f"{secs:.2f}")
         if on_step is not None:
