@@ -43,7 +43,14 @@ ROWS = {
     "zsaq": ["method.name=zsaq"],
     "zsaq rho=0": ["method.name=zsaq", "method.rho=0"],
     "zsaq ascent=false": ["method.name=zsaq", "method.ascent=false"],
+    # levers (issue #3), run with --rows: MSE-clipped initial scales (no data), SAM radius decayed to 0,
+    # a scales-only first quarter of the run
+    "rtn mse": ["method.name=rtn", "quant.weights.observer=mse"],
+    "zsaq mse": ["method.name=zsaq", "quant.weights.observer=mse"],
+    "zsaq rho->0": ["method.name=zsaq", "method.rho_final=0"],
+    "zsaq scales-first": ["method.name=zsaq", "method.scales_only_steps=STEPS/4", "method.scale_lr=1e-5"],
 }
+DEFAULT_ROWS = ["rtn", "noise", "self_sample", "zsaq", "zsaq rho=0", "zsaq ascent=false"]
 
 
 def _run(cmd: list[str], log: Path) -> tuple[float, float, str]:
@@ -88,7 +95,8 @@ def run_row(setting: str, row: str, teacher: str, fp_ppl: float, args: argparse.
     """Quantize one (setting, method) row in a subprocess, then evaluate its reloaded checkpoint."""
     tag = f"{setting}-{row.replace(' ', '_').replace('=', '')}"
     out = WORK / (args.tag + tag)
-    over = SETTINGS[setting] + ROWS[row] + budget_overrides(args) + [f"output.dir={out}"]
+    row_over = [o.replace("STEPS/4", str(max(1, args.steps // 4))) for o in ROWS[row]]
+    over = SETTINGS[setting] + row_over + budget_overrides(args) + [f"output.dir={out}"]
     cmd = [sys.executable, "-m", "zsaq_dist.cli", "quantize", args.recipe] + sum((["--set", o] for o in over), [])
     print(f"[{setting}] {row} ...", flush=True)
     secs, rss, _ = _run(cmd, WORK / f"{args.tag}{tag}.log")
@@ -98,7 +106,7 @@ def run_row(setting: str, row: str, teacher: str, fp_ppl: float, args: argparse.
           f"top1 {ev['top1']:.4f}  {secs:.0f} s", flush=True)
     return {"setting": setting, "method": row, "bits": q["weights"]["bits"], "group_size": q["weights"]["group_size"],
             "symmetric": q["weights"]["symmetric"], "act_bits": (q["activations"] or {}).get("bits"),
-            "data": "none" if row == "rtn" else "self-generated (zero-shot)",
+            "data": "none" if row.startswith("rtn") else "self-generated (zero-shot)",
             "ppl": ev["ppl"], "dppl": ev["ppl"] - fp_ppl, "kl": ev["kl"], "top1": ev["top1"],
             "seconds": round(secs, 1), "peak_rss_mb": round(rss, 1)}
 
@@ -107,7 +115,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=str(ROOT / "configs" / "bench-quality.yaml"))
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS), help="default: %(default)s")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
@@ -144,7 +152,7 @@ def main() -> None:
               "budget": {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "num_sequences", "eval_tokens", "eval_seq_len")},
               "rows": rows}
     jobs = [(s, r) for s in args.settings for r in args.rows]
-    seeded = [j for j in jobs if j[1] not in ("rtn", "noise")]
+    seeded = [j for j in jobs if not j[1].startswith(("rtn", "noise"))]
     first = seeded[:1]  # generates and caches the seed sequences before rows run side by side
     if args.jobs > 1:  # rows side by side: split the cores instead of oversubscribing them
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.jobs)))

@@ -9,6 +9,7 @@ compare loss, SAM norm and exported tensors with the single-process path
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,33 @@ def test_two_workers_match_single_process(ray_local, root, model_dir, reference,
     t = d["teacher_partition_numel"]
     assert max(t) <= 0.51 * d["teacher_numel"]
     assert json.loads((root / f"z{stage}" / "config.json").read_text())["quantization_config"]["format"]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_bf16_runs_as_mixed_precision(ray_local, root, model_dir, reference, stage):
+    """bf16 parameters with fp32 master copies: SAM perturbs, the trajectory tracks fp32, the checkpoint is bf16."""
+    cfg = _cfg(root, f"bf16-z{stage}", model_dir, num_workers=2, zero_stage=stage)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bfloat16"})})
+    hist = _run(ray_local, cfg)["history"]
+    assert len(hist["grad_norm"]) == STEPS and all(math.isfinite(n) and n > 0 for n in hist["grad_norm"])
+    torch.testing.assert_close(torch.tensor(hist["loss"]), torch.tensor(reference["loss"]), rtol=0.05, atol=1e-3)
+    tensors = _tensors(root / f"bf16-z{stage}")
+    assert tensors.keys() == reference["tensors"].keys()
+    assert {t.dtype for k, t in tensors.items() if k.endswith("weight_scale")} == {torch.bfloat16}
+    hf = json.loads((root / f"bf16-z{stage}" / "config.json").read_text())
+    assert hf.get("dtype", hf.get("torch_dtype")) == "bfloat16"
+
+
+def test_local_launcher_refuses_to_train_in_bf16(tmp_path):
+    from zsaq_dist.errors import ConfigError
+    from zsaq_dist.job import check_local_dtype
+
+    cfg = _cfg(tmp_path, "out", "unused", launcher="local")
+    check_local_dtype(cfg)
+    bf16 = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bfloat16"})})
+    with pytest.raises(ConfigError, match="dist.launcher: ray"):
+        check_local_dtype(bf16)
+    check_local_dtype(bf16.model_copy(update={"method": bf16.method.model_copy(update={"name": "rtn"})}))
 
 
 def test_killed_worker_resumes_to_the_same_result(ray_local, root, model_dir, reference):

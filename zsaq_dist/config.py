@@ -26,7 +26,11 @@ class _Strict(BaseModel):
 
 class ModelCfg(_Strict):
     path: str = Field(description="local HF directory, a .gguf file, a hub id, or 'demo:smollm2-135m-instruct'")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of teacher, student and scales")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype of teacher, student and scales; training in bfloat16 runs as DeepSpeed mixed "
+        "precision (fp32 master weights) and so needs dist.launcher: ray",
+    )
     trust_remote_code: bool = Field(False, description="run the model repository's own code (only for models you trust)")
     revision: str | None = Field(None, description="hub revision, for hub ids")
 
@@ -130,8 +134,16 @@ class MethodCfg(_Strict):
     lr: float = Field(5e-5, ge=0.0, description="student weights (AdamW)")
     scale_lr: float = Field(1e-6, ge=0.0, description="learnable quantization scales; keep <= lr/10")
     learnable_scales: bool = Field(True, description="train weight_scale (LSQ-style) with the weights")
+    scales_only_steps: int = Field(
+        0,
+        ge=0,
+        description="first K student steps train only the scales (weights at lr 0; their warm-up and schedule start at K)",
+    )
     weight_decay: float = Field(0.0, ge=0.0)
     rho: float = Field(0.05, ge=0.0, description="SAM radius; 0 = plain AdamW")
+    rho_final: float | None = Field(
+        None, ge=0.0, description="SAM radius at the last step (cosine decay from rho); null = constant rho"
+    )
     adaptive_sam: bool = Field(False, description="ASAM: perturbation scaled by abs(w)")
     ascent: bool = Field(True, description="false freezes the generator (ablation)")
     tau: float = Field(1.0, gt=0.0, description="distillation temperature (loss scaled by tau^2)")
@@ -142,6 +154,24 @@ class MethodCfg(_Strict):
     generator: GeneratorCfg = GeneratorCfg()
     seed_data: SeedDataCfg = SeedDataCfg()
     log_every: int = Field(1, ge=1, description="progress-bar update interval (steps)")
+
+    @model_validator(mode="after")
+    def _scales_only(self) -> MethodCfg:
+        k = self.scales_only_steps
+        if k == 0:
+            return self
+        if not self.learnable_scales or self.scale_lr <= 0:
+            raise ValueError(
+                f"scales_only_steps={k} trains only the quantization scales, but they are frozen "
+                f"(learnable_scales={self.learnable_scales}, scale_lr={self.scale_lr}): "
+                "set learnable_scales: true and scale_lr > 0, or scales_only_steps: 0"
+            )
+        if k >= self.steps:
+            raise ValueError(
+                f"scales_only_steps={k} leaves no step for the weights (steps={self.steps}): "
+                f"use scales_only_steps < steps, or scales_only_steps: 0"
+            )
+        return self
 
 
 class DistCfg(_Strict):

@@ -115,10 +115,28 @@ def evaluate_in_memory(teacher: nn.Module, student: nn.Module, tokenizer: Any, c
     return {"teacher": fp, "quantized": q, "text": e.text or "pydoc_data.topics"}
 
 
+def check_local_dtype(cfg: Config) -> None:
+    """Refuse to train in 16 bits in this process: without fp32 master weights AdamW's small steps round away.
+
+    The Ray path runs the same config as DeepSpeed mixed precision (16-bit parameters, fp32 master
+    copies and moments), which is what ``model.dtype: bfloat16`` is for when training.
+    """
+    if cfg.method.name == "rtn" or cfg.method.steps == 0 or cfg.model.dtype == "float32":
+        return
+    from zsaq_dist.errors import ConfigError
+
+    raise ConfigError(
+        f"model.dtype={cfg.model.dtype} with dist.launcher=local would train {cfg.model.dtype} weights with no "
+        "fp32 master copy, so updates smaller than their precision are lost: set model.dtype: float32, or "
+        "run with dist.launcher: ray (DeepSpeed mixed precision keeps fp32 master weights)"
+    )
+
+
 def run_quantize(cfg: Config) -> dict[str, Any]:
     """The whole job in this process; returns the report (also written as ``zsaq_report.json``)."""
     from zsaq_dist.io.export import export_checkpoint
 
+    check_local_dtype(cfg)
     t0 = time.perf_counter()
     report = base_report(cfg)
     torch.manual_seed(cfg.method.seed)

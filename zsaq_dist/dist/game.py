@@ -27,9 +27,9 @@ from zsaq_dist.minimax.step import (
     student_loss,
     teacher_targets,
 )
-from zsaq_dist.minimax.student import make_optimizer, student_params
+from zsaq_dist.minimax.student import make_optimizer, make_student_scheduler, student_params
 from zsaq_dist.minimax.trainer import Inputs, batch_indices, generator_optimizer
-from zsaq_dist.optim.schedule import make_scheduler
+from zsaq_dist.optim.schedule import rho_at
 
 
 def local_indices(step: int, cfg: Config) -> range:
@@ -70,7 +70,7 @@ class DistGame:
         self.cfg, self.inp = cfg, inp
         weights, scales = student_params(student)
         opt = make_optimizer(weights, scales, m)
-        sched = make_scheduler(opt, m.steps, m.warmup_steps, m.schedule)
+        sched = make_student_scheduler(opt, m)  # per-group lr: DeepSpeed steps it (scales_only_steps)
         self.student = student_engine(student, opt, sched, cfg)
         self.teacher = teacher_engine(teacher, cfg)
         self.mech = dsam.mechanics(self.student, weights)  # SAM moves the weights only, as the trainer does
@@ -96,16 +96,17 @@ class DistGame:
         return average_metrics(metrics)
 
     def step(self, step: int) -> tuple[dict[str, float], dict[str, float] | None, float]:
-        """Student step ``step``: (global student metrics, generator metrics or None, lr used)."""
+        """Student step ``step``: (global student metrics with ``rho``, generator metrics or None, weights lr)."""
         m = self.m
         idx = local_indices(step, self.cfg)
         gen = self.generator_step(step, idx) if self.ascent and step % self.every == 0 else None
         x = self.inp.student_batch(step, idx)
         target = teacher_targets(self.teacher, x, m)
         lr = self.student.get_lr()[0]
+        rho = rho_at(step, m.steps, m.rho, m.rho_final)
 
         def loss_fn():
             return student_loss(self.student, x, target, m)
 
-        metrics = sam_student_step(loss_fn, self.mech, m.rho, m.adaptive_sam, dsam.group(self.student))
-        return average_metrics(metrics), gen, lr
+        metrics = sam_student_step(loss_fn, self.mech, rho, m.adaptive_sam, dsam.group(self.student))
+        return {**average_metrics(metrics), "rho": rho}, gen, lr  # rho: same on every rank, not averaged

@@ -1,4 +1,4 @@
-"""Build the student (a fake-quantized copy of the teacher), freeze the teacher, and the student's AdamW."""
+"""Build the student (a fake-quantized copy of the teacher), freeze the teacher, and the student's AdamW + schedule."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from zsaq_dist.config import MethodCfg, QuantCfg
+from zsaq_dist.optim.schedule import make_scheduler
 from zsaq_dist.quant import prepare, quant_modules
 
 
@@ -60,3 +61,17 @@ def make_optimizer(weights: list[nn.Parameter], scales: list[nn.Parameter], cfg:
     if scales:
         groups.append({"params": scales, "lr": cfg.scale_lr, "weight_decay": 0.0})
     return torch.optim.AdamW(groups)
+
+
+def make_student_scheduler(optimizer: torch.optim.Optimizer, cfg: MethodCfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """The lr schedule of :func:`make_optimizer`'s groups over ``cfg.steps`` student steps.
+
+    With ``scales_only_steps = K`` the weights group (group 0) stays at lr 0 for steps ``0..K-1``
+    and runs its warm-up and decay over steps ``K..steps-1``; the scales group is scheduled from
+    step 0. Holding the lr at 0 (rather than skipping optimizer calls) keeps every optimizer step,
+    so DeepSpeed engines run it unchanged. AdamW at lr 0 leaves the weights bit-identical (decay
+    factor ``1 - 0 * wd == 1``, update ``0 * m / sqrt(v)``) while their moments still accumulate.
+    """
+    k = cfg.scales_only_steps
+    starts = [k] + [0] * (len(optimizer.param_groups) - 1) if k else None
+    return make_scheduler(optimizer, cfg.steps, cfg.warmup_steps, cfg.schedule, starts)

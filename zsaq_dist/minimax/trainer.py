@@ -6,7 +6,9 @@ sample ``i`` takes seed sequence ``i mod num_sequences`` and noise seeded by
 (``n = student_steps_per_generator_step``) the generator takes one ascent step
 on fresh noise (another stream) with the student fixed, unless ``ascent: false``.
 Modes ``self_sample`` and ``noise`` feed seed embeddings or random embeddings
-and have no generator.
+and have no generator. Step ``k`` runs SAM at radius ``rho_at(k, steps, rho, rho_final)``
+(recorded as ``rho``); with ``scales_only_steps = K`` the weights' lr is 0 for steps ``< K``
+(:func:`zsaq_dist.minimax.student.make_student_scheduler`), ``dist.game`` does the same.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ from zsaq_dist.minimax.step import (
     teacher_targets,
     torch_mechanics,
 )
-from zsaq_dist.minimax.student import freeze, make_optimizer, set_trainable, student_params
-from zsaq_dist.optim.schedule import make_scheduler
+from zsaq_dist.minimax.student import freeze, make_optimizer, make_student_scheduler, set_trainable, student_params
+from zsaq_dist.optim.schedule import make_scheduler, rho_at
 
 
 def resolve_mode(cfg: MethodCfg) -> str:
@@ -97,7 +99,7 @@ class Inputs:
 
 def new_history() -> dict[str, list]:
     """Empty per-step history (the lists written to zsaq_report.json)."""
-    keys = ("step", "loss", "kl", "sam_loss", "gen_obj", "gen_kl", "lr", "seconds")
+    keys = ("step", "loss", "kl", "sam_loss", "gen_obj", "gen_kl", "lr", "rho", "seconds")
     return {k: [] for k in keys}
 
 
@@ -126,7 +128,7 @@ class Game:
         self.teacher, self.student, self.inp = teacher, student, inp
         weights, scales = student_params(student)
         self.opt = make_optimizer(weights, scales, m)
-        sched = make_scheduler(self.opt, m.steps, m.warmup_steps, m.schedule)
+        sched = make_student_scheduler(self.opt, m)
         self.mech = torch_mechanics(self.opt, weights, m.grad_clip, sched)
         self.every = m.generator.student_steps_per_generator_step
         self.ascent = inp.generator is not None and m.ascent
@@ -148,18 +150,20 @@ class Game:
         return metrics
 
     def step(self, step: int) -> tuple[dict[str, float], dict[str, float] | None, float]:
-        """Student step ``step``: (student metrics, generator metrics or None, student lr used)."""
+        """Student step ``step``: (student metrics with the SAM radius ``rho``, generator metrics or None, weights lr)."""
         m = self.cfg
         idx = batch_indices(step, m.batch_size)
         gen = self.generator_step(step, idx) if self.ascent and step % self.every == 0 else None
         x = self.inp.student_batch(step, idx)
         target = teacher_targets(self.teacher, x, m)
         lr = self.opt.param_groups[0]["lr"]
+        rho = rho_at(step, m.steps, m.rho, m.rho_final)
 
         def loss_fn():
             return student_loss(self.student, x, target, m)
 
-        return sam_student_step(loss_fn, self.mech, m.rho, m.adaptive_sam), gen, lr
+        metrics = sam_student_step(loss_fn, self.mech, rho, m.adaptive_sam)
+        return {**metrics, "rho": rho}, gen, lr
 
 
 def train(

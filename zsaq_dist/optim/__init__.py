@@ -1,10 +1,11 @@
-"""Optimization primitives in plain torch: SAM perturb/restore with an optional process group, lr schedules."""
+"""Optimization primitives in plain torch: SAM perturb/restore with an optional process group, lr and SAM-radius schedules."""
 
 from zsaq_dist.optim.sam import SamState, global_norm, grad_norm, perturb, perturb_tensors, restore
-from zsaq_dist.optim.schedule import lr_factor, make_scheduler
+from zsaq_dist.optim.schedule import delayed_lr_factor, lr_factor, make_scheduler, rho_at
 
 __all__ = [
     "SamState",
+    "delayed_lr_factor",
     "global_norm",
     "grad_norm",
     "lr_factor",
@@ -12,4 +13,5 @@ __all__ = [
     "perturb",
     "perturb_tensors",
     "restore",
+    "rho_at",
 ]

@@ -1,0 +1,266 @@
+"""Levers for quality per step: the SAM radius schedule (``rho_final``) and the scales-only warm phase.
+
+Both paths run them: the single-process trainer (``minimax.trainer``) and the DeepSpeed game
+(``dist.game.DistGame``) in this process as one gloo worker.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import free_ports, make_tiny_llama
+
+from zsaq_dist.config import QuantCfg, validate
+from zsaq_dist.errors import ConfigError
+from zsaq_dist.minimax.student import make_optimizer, make_student, make_student_scheduler, student_params
+from zsaq_dist.minimax.trainer import train
+from zsaq_dist.optim.schedule import delayed_lr_factor, lr_factor, make_scheduler, rho_at
+
+QUANT = QuantCfg.model_validate({"weights": {"bits": 3, "group_size": 16}})
+
+
+def _cfg(tmp_path, **method):
+    base = {
+        "steps": 4,
+        "batch_size": 2,
+        "seq_len": 8,
+        "lr": 1e-3,
+        "scale_lr": 1e-4,
+        "warmup_steps": 1,
+        "rho": 0.1,
+        "seed": 5,
+        "generator": {"noise_dim": 8, "hidden_dim": 16},
+        "seed_data": {"num_sequences": 4, "cache_dir": str(tmp_path / "seed")},
+    }
+    return validate(
+        {
+            "model": {"path": "tiny"},
+            "output": {"dir": str(tmp_path / "out")},
+            "quant": QUANT.model_dump(),
+            "method": {**base, **method},
+        }
+    )
+
+
+def _snapshot(params) -> list[torch.Tensor]:
+    """Exact copies; under ZeRO-3 the tensor the forward reads is the partition ``ds_tensor``."""
+    return [(p.ds_tensor if hasattr(p, "ds_tensor") else p).detach().clone() for p in params]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _train_with_snapshots(cfg):
+    """Single-process run; (history, [(weights, scales) before step 0 and after every step], student)."""
+    teacher = make_tiny_llama(hidden=32)
+    student = make_student(teacher, cfg.quant, cfg.method.learnable_scales)
+    weights, scales = student_params(student)
+    snaps = [(_snapshot(weights), _snapshot(scales))]
+    hist = train(
+        teacher,
+        student,
+        None,
+        cfg,
+        progress=False,
+        on_step=lambda s, m: snaps.append((_snapshot(weights), _snapshot(scales))),
+    )
+    return hist, snaps, student
+
+
+# --- schedules (pure functions) ---------------------------------------------------------------
+
+
+def test_schedule_rho_at_ends_midpoint_and_constant_cases():
+    assert rho_at(0, 11, 0.1, 0.02) == 0.1  # exact, not approximately
+    assert rho_at(10, 11, 0.1, 0.02) == 0.02
+    assert rho_at(5, 11, 0.1, 0.02) == pytest.approx(0.06, abs=1e-12)
+    assert rho_at(2, 11, 0.1, 0.02) == pytest.approx(0.02 + 0.08 * 0.5 * (1 + math.cos(math.pi * 0.2)))
+    seq = [rho_at(s, 11, 0.1, 0.02) for s in range(11)]
+    assert all(a > b for a, b in zip(seq, seq[1:], strict=False))
+    assert rho_at(10, 11, 0.0, 0.05) == 0.05  # the cosine also runs upwards
+    for step in range(7):
+        assert rho_at(step, 7, 0.05, None) == 0.05
+        assert rho_at(step, 7, 0.05, 0.05) == 0.05
+    assert rho_at(0, 1, 0.1, 0.0) == 0.1 and rho_at(0, 0, 0.1, 0.0) == 0.1
+
+
+def test_schedule_delayed_lr_factor_starts_its_own_warmup_and_decay():
+    assert [delayed_lr_factor(s, 3, 10, warmup=2) for s in range(3)] == [0.0, 0.0, 0.0]
+    for s in range(3, 10):
+        assert delayed_lr_factor(s, 3, 10, warmup=2) == lr_factor(s - 3, 7, warmup=2)
+    assert delayed_lr_factor(3, 3, 10, warmup=2) == pytest.approx(1 / 3)
+    for s in range(10):  # start 0 is the undelayed schedule, bit for bit
+        assert delayed_lr_factor(s, 0, 10, warmup=2) == lr_factor(s, 10, warmup=2)
+
+
+def test_schedule_make_scheduler_holds_a_group_until_its_start():
+    w, sc = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([{"params": [w], "lr": 1.0}, {"params": [sc], "lr": 0.5}])
+    sched = make_scheduler(opt, 6, warmup=1, starts=[2, 0])
+    lrs = []
+    for _ in range(6):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert [w_lr for w_lr, _ in lrs] == [0.0, 0.0] + [lr_factor(s, 4, warmup=1) for s in range(4)]
+    assert [s_lr for _, s_lr in lrs] == [0.5 * lr_factor(s, 6, warmup=1) for s in range(6)]
+    with pytest.raises(ValueError, match="param groups"):
+        make_scheduler(opt, 6, starts=[1])
+
+
+def test_schedule_student_scheduler_without_warm_phase_is_the_old_one():
+    cfg = _cfg_method(scales_only_steps=0)
+    student = make_student(make_tiny_llama(hidden=32), QUANT, True)
+    a, b = make_optimizer(*student_params(student), cfg), make_optimizer(*student_params(student), cfg)
+    sa, sb = make_student_scheduler(a, cfg), make_scheduler(b, cfg.steps, cfg.warmup_steps, cfg.schedule)
+    for _ in range(cfg.steps):
+        assert [g["lr"] for g in a.param_groups] == [g["lr"] for g in b.param_groups]
+        a.step()  # no gradients: a no-op, in the order LambdaLR expects
+        b.step()
+        sa.step()
+        sb.step()
+
+
+def _cfg_method(**kw):
+    from zsaq_dist.config import MethodCfg
+
+    return MethodCfg.model_validate({"steps": 6, "warmup_steps": 2, "lr": 1e-3, "scale_lr": 1e-4, **kw})
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method,msg",
+    [
+        ({"scales_only_steps": 2, "learnable_scales": False}, "learnable_scales: true"),
+        ({"scales_only_steps": 2, "scale_lr": 0.0}, "scale_lr > 0"),
+        ({"scales_only_steps": 4}, "scales_only_steps < steps"),
+        ({"scales_only_steps": -1}, "greater than or equal to 0"),
+        ({"rho_final": -0.1}, "greater than or equal to 0"),
+    ],
+)
+def test_config_levers_are_validated(tmp_path, method, msg):
+    with pytest.raises(ConfigError, match=msg):
+        _cfg(tmp_path, **method)
+
+
+def test_config_levers_defaults_and_accepted_values(tmp_path):
+    m = _cfg(tmp_path).method
+    assert m.rho_final is None and m.scales_only_steps == 0
+    m = _cfg(tmp_path, scales_only_steps=3, rho_final=0.0).method
+    assert m.scales_only_steps == 3 and m.rho_final == 0.0
+
+
+# --- single-process trainer ------------------------------------------------------------------------
+
+
+def test_trainer_rho_final_equal_to_rho_is_bit_identical_to_constant(tmp_path):
+    h_const, s_const, _ = _train_with_snapshots(_cfg(tmp_path))
+    h_same, s_same, _ = _train_with_snapshots(_cfg(tmp_path, rho_final=0.1))
+    for k in ("loss", "kl", "sam_loss", "gen_obj", "lr", "rho"):
+        assert h_const[k] == h_same[k], k
+    assert h_const["rho"] == [0.1] * 4
+    assert all(_same(a[0], b[0]) and _same(a[1], b[1]) for a, b in zip(s_const, s_same, strict=True))
+
+
+def test_trainer_rho_schedule_is_used_and_changes_training(tmp_path):
+    h_const, s_const, _ = _train_with_snapshots(_cfg(tmp_path))
+    h_sched, s_sched, _ = _train_with_snapshots(_cfg(tmp_path, rho_final=0.01))
+    assert h_sched["rho"] == [rho_at(s, 4, 0.1, 0.01) for s in range(4)]
+    assert h_sched["rho"][0] == 0.1 and h_sched["rho"][-1] == 0.01
+    # step 0 runs at the same radius; after that the perturbation (and so the trajectory) differs
+    assert h_sched["sam_loss"][0] == h_const["sam_loss"][0]
+    assert h_sched["sam_loss"][1:] != h_const["sam_loss"][1:]
+    assert not _same(s_sched[-1][0], s_const[-1][0])
+
+
+def test_trainer_scales_only_steps_freeze_the_weights_then_train_both(tmp_path):
+    k = 2
+    hist, snaps, _ = _train_with_snapshots(_cfg(tmp_path, scales_only_steps=k, weight_decay=0.1))
+    (w0, s0) = snaps[0]
+    for step in range(k):  # after steps 0..k-1: weights bit-identical, scales moved every step
+        w, s = snaps[step + 1]
+        assert _same(w, w0), step
+        assert not _same(s, snaps[step][1]), step
+    assert hist["lr"][:k] == [0.0] * k
+    # from step k on the weights move, starting their own warm-up: lr * 1/(warmup+1) at step k
+    assert hist["lr"][k] == pytest.approx(1e-3 * lr_factor(0, 4 - k, warmup=1))
+    for step in range(k, 4):
+        assert not _same(snaps[step + 1][0], snaps[step][0]), step
+    assert hist["rho"] == [0.1] * 4 and all(v is not None for v in hist["sam_loss"])  # SAM runs throughout
+
+
+def test_trainer_without_warm_phase_moves_weights_at_step_zero(tmp_path):
+    _, snaps, _ = _train_with_snapshots(_cfg(tmp_path))
+    assert not _same(snaps[1][0], snaps[0][0])
+
+
+# --- DeepSpeed game, one gloo worker in this process --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_worker():
+    """A gloo process group of one rank that DeepSpeed joins (as a Ray Train worker of 1).
+
+    One per module: DeepSpeed caches its process groups, so it cannot join a second one in this process.
+    """
+    pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+
+    from zsaq_dist.dist.engines import setup_comm
+
+    (port,) = free_ports(1)
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, val in {**env, "DS_ACCELERATOR": "cpu"}.items():
+            mp.setenv(key, val)
+        setup_comm(use_gpu=False)
+        yield
+        dist.destroy_process_group()
+
+
+def _dist_game(cfg):
+    from zsaq_dist.dist.game import DistGame
+    from zsaq_dist.minimax.trainer import Inputs, load_seed_ids, resolve_mode
+
+    teacher = make_tiny_llama(hidden=32)
+    student = make_student(teacher, cfg.quant, cfg.method.learnable_scales)
+    m = cfg.method
+    seed_ids = load_seed_ids(teacher, None, None, m)
+    torch.manual_seed(m.seed)  # the generator's initial weights, as the trainer and the worker do
+    return DistGame(teacher, student, Inputs(teacher, resolve_mode(m), m, seed_ids), cfg)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_dist_game_follows_the_trainer_on_both_levers(tmp_path, one_worker, stage):
+    k = 2
+    cfg = _cfg(tmp_path, scales_only_steps=k, rho_final=0.02)
+    cfg = cfg.model_copy(update={"dist": cfg.dist.model_copy(update={"zero_stage": stage})})
+    ref, ref_snaps, _ = _train_with_snapshots(cfg)
+    game = _dist_game(cfg)
+    weights, scales = student_params(game.student.module)
+    snaps = [(_snapshot(weights), _snapshot(scales))]
+    losses, sam_losses, rhos, lrs = [], [], [], []
+    for step in range(cfg.method.steps):
+        metrics, _, lr = game.step(step)
+        snaps.append((_snapshot(weights), _snapshot(scales)))
+        losses.append(metrics["loss"])
+        sam_losses.append(metrics["sam_loss"])
+        rhos.append(metrics["rho"])
+        lrs.append(lr)
+    assert rhos == ref["rho"] and rhos[-1] == 0.02
+    assert lrs[:k] == [0.0] * k and lrs == pytest.approx(ref["lr"], rel=1e-12)
+    for step in range(k):
+        assert _same(snaps[step + 1][0], snaps[0][0]), step
+        assert not _same(snaps[step + 1][1], snaps[step][1]), step
+    for step in range(k, cfg.method.steps):
+        assert not _same(snaps[step + 1][0], snaps[step][0]), step
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref["loss"]), atol=1e-4, rtol=0)
+    # the loss at w + e: SAM ran at the scheduled radius on both paths
+    torch.testing.assert_close(torch.tensor(sam_losses), torch.tensor(ref["sam_loss"]), atol=1e-4, rtol=0)
+    final = [t.flatten() for t in snaps[-1][1]]
+    torch.testing.assert_close(torch.cat(final), torch.cat([t.flatten() for t in ref_snaps[-1][1]]), atol=1e-6, rtol=0)
