@@ -1,6 +1,7 @@
 """Per-worker memory and step time of the distributed student step, ZeRO 0/2/3 x 1/2 workers (CPU, gloo).
 
     python bench/scale.py                       # -> bench/results/scale.json + scale.png
+    python bench/scale.py --dtypes bfloat16 --stages 0 3 --workers 2   # a subset
 
 Model: the demo model (SmolLM2-135M-Instruct) when ``zsaq_dist.io.demo`` has
 fetched it, else a random model of the same config shape (same memory and
@@ -10,8 +11,14 @@ the student step alone (teacher forward + SAM or plain AdamW step).
 Per worker it records the bytes of model and optimizer state it holds (student
 parameters as held, fp32 master copies, AdamW moments, the teacher's ZeRO-3
 partition), the peak RSS, and the median time of a SAM step (rho > 0) and of a
-plain step (rho = 0). Targets: at 2 workers ZeRO-3 state <= 0.6x ZeRO-0's, and
-SAM step <= 2.3x plain step.
+plain step (rho = 0), after two warm-up steps of each kind (the first steps pay
+for lazy allocations and run 2-3x slower). Every config runs in fp32 and in bf16
+mixed precision (bf16 parameters, fp32 master copies and moments: how DeepSpeed
+is run on GPUs). In fp32, ZeRO 1-3 keep an fp32 master partition *besides* the
+fp32 parameter partition, which ZeRO-0 does not need, so the fp32 state ratio
+has a floor of (4 + 4 + 8) / 2 / (4 + 8) = 0.67 at 2 workers for the trained
+weights; in bf16 both sides hold masters and the ratio tends to 1/2. Targets: at
+2 workers ZeRO-3 state <= 0.6x ZeRO-0's, and SAM step <= 2.3x plain step.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +36,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DTYPE_TAG = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def smollm2_shape_model():
@@ -76,11 +85,15 @@ def state_bytes(game) -> dict[str, int]:
     eng = game.student
     stage = eng.zero_optimization_stage()
     params = [p.ds_tensor if stage == 3 else p.data for p in eng.module.parameters()]
-    base = eng.optimizer.optimizer if stage else eng.optimizer  # the client AdamW inside ZeRO's wrapper
-    # fp32 master partitions (stage 0 steps the model's own parameters, counted above)
-    masters = {0: [], 3: getattr(eng.optimizer, "fp32_partitioned_groups_flat", [])}.get(
-        stage, getattr(eng.optimizer, "single_partition_of_fp32_groups", [])
-    )
+    base = getattr(eng.optimizer, "optimizer", eng.optimizer)  # the client AdamW inside DeepSpeed's wrapper
+    # fp32 master copies: none for fp32 stage 0 (AdamW steps the model's own parameters, counted above),
+    # the (unfused) FP16_Optimizer's fp32 groups for bf16 stage 0, the partitions for stages 1-3
+    if stage == 0:
+        masters = [t for g in getattr(eng.optimizer, "fp32_groups", []) for t in g]
+    elif stage == 3:
+        masters = eng.optimizer.fp32_partitioned_groups_flat
+    else:
+        masters = eng.optimizer.single_partition_of_fp32_groups
     moments = [t for s in base.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
     teacher = [p.ds_tensor for p in game.teacher.module.parameters()]
     return {
@@ -114,64 +127,73 @@ def bench_loop(config: dict) -> None:
     teacher, _ = job.load_teacher(cfg, torch.device("cpu"))
     student = make_student(freeze(teacher), cfg.quant, cfg.method.learnable_scales)
     game = DistGame(teacher, student, Inputs(teacher, "noise", cfg.method, None), cfg)
-    n = bench["steps"]
-    sam = _timed_steps(game, 0, n + 1)[1:]  # the first step pays for lazy allocations
+    n, w = bench["steps"], bench["warmup"]
+    sam = _timed_steps(game, 0, w + n)[w:]  # the first steps pay for lazy allocations
+    metrics, _, _ = game.step(w + n)
+    if not metrics.get("grad_norm", 0.0) > 0.0 or metrics["sam_loss"] == metrics["loss"]:
+        raise RuntimeError(f"SAM did not perturb the student ({metrics}): the timing would be of a plain step")
     game.m = cfg.method.model_copy(update={"rho": 0.0})
-    plain = _timed_steps(game, n + 1, n + 1)[1:]
+    plain = _timed_steps(game, w + n + 1, w + n)[w:]
     rank, size = world()
     out = {
         "rank": rank,
         "workers": size,
         "zero_stage": cfg.dist.zero_stage,
+        "dtype": cfg.model.dtype,
         **state_bytes(game),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "sam_step_s": statistics.median(sam),
         "plain_step_s": statistics.median(plain),
     }
-    Path(bench["dir"], f"z{cfg.dist.zero_stage}-w{size}-r{rank}.json").write_text(json.dumps(out))
+    Path(bench["dir"], f"{cfg.model.dtype}-z{cfg.dist.zero_stage}-w{size}-r{rank}.json").write_text(json.dumps(out))
 
 
-def run_config(model: str, stage: int, workers: int, args, raw_dir: str) -> list[dict]:
+def run_config(model: str, dtype: str, stage: int, workers: int, args, raw_dir: str) -> list[dict]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = {
-        "model": {"path": model},
+        "model": {"path": model, "dtype": dtype},
         "quant": {"weights": {"bits": 4, "group_size": 64}},
         "method": {"name": "noise", "steps": 100, "batch_size": args.batch, "seq_len": args.seq_len, "rho": 0.05},
         "dist": {"num_workers": workers, "zero_stage": stage},
         "output": {"dir": os.path.join(raw_dir, "unused")},
-        "bench": {"steps": args.steps, "dir": raw_dir},
+        "bench": {"steps": args.steps, "warmup": args.warmup, "dir": raw_dir},
     }
     TorchTrainer(
         bench_loop,
         train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=f"scale-z{stage}-w{workers}", storage_path=os.path.join(raw_dir, "ray")),
+        run_config=RunConfig(name=f"scale-{dtype}-z{stage}-w{workers}", storage_path=os.path.join(raw_dir, "ray")),
     ).fit()
-    files = sorted(Path(raw_dir).glob(f"z{stage}-w{workers}-r*.json"))
+    files = sorted(Path(raw_dir).glob(f"{dtype}-z{stage}-w{workers}-r*.json"))
     return [json.loads(f.read_text()) for f in files]
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Per-config means over ranks, and the two target ratios."""
+    """Per-config means over ranks, and the two target ratios per dtype."""
     by = {}
     for r in rows:
-        by.setdefault((r["zero_stage"], r["workers"]), []).append(r)
+        by.setdefault((r.get("dtype", "float32"), r["zero_stage"], r["workers"]), []).append(r)
     table = {}
-    for (stage, w), rs in sorted(by.items()):
-        mean = {k: statistics.mean(r[k] for r in rs) for k in rs[0] if k not in ("rank", "workers", "zero_stage")}
+    for (dtype, stage, w), rs in sorted(by.items()):
+        keys = [k for k in rs[0] if k not in ("rank", "workers", "zero_stage", "dtype")]
+        mean = {k: statistics.mean(r[k] for r in rs) for k in keys}
         mean["state_total"] = mean["student_params"] + mean["optimizer"] + mean["teacher_partition"]
         mean["sam_over_plain"] = mean["sam_step_s"] / mean["plain_step_s"]
-        table[f"zero{stage}-w{w}"] = mean
-    out = {"per_config": table}
-    z0, z3 = table.get("zero0-w2"), table.get("zero3-w2")
-    if z0 and z3:
-        out["zero3_over_zero0_state_w2"] = z3["state_total"] / z0["state_total"]
-        out["zero3_over_zero0_student_state_w2"] = (z3["student_params"] + z3["optimizer"]) / (
-            z0["student_params"] + z0["optimizer"]
-        )
-    out["max_sam_over_plain"] = max(v["sam_over_plain"] for v in table.values())
+        table[f"{DTYPE_TAG[dtype]}-zero{stage}-w{w}"] = mean
+    out: dict = {"per_config": table, "targets": {}}
+    for dtype in sorted({d for d, _, _ in by}):
+        tag = DTYPE_TAG[dtype]
+        t: dict = {}
+        z0, z3 = table.get(f"{tag}-zero0-w2"), table.get(f"{tag}-zero3-w2")
+        if z0 and z3:
+            t["zero3_over_zero0_state_w2"] = z3["state_total"] / z0["state_total"]
+            t["zero3_over_zero0_student_state_w2"] = (z3["student_params"] + z3["optimizer"]) / (
+                z0["student_params"] + z0["optimizer"]
+            )
+        t["max_sam_over_plain"] = max(v["sam_over_plain"] for k, v in table.items() if k.startswith(tag + "-"))
+        out["targets"][dtype] = t
     return out
 
 
@@ -181,7 +203,7 @@ def plot(summary: dict, path: Path) -> None:
     t = summary["per_config"]
     names = list(t)
     mb = 1 << 20
-    fig = Figure(figsize=(11, 4))
+    fig = Figure(figsize=(max(11, 1.1 * len(names)), 4.5))
     ax1, ax2 = fig.subplots(1, 2)
     bottom = [0.0] * len(names)
     for key in ("student_params", "optimizer", "teacher_partition"):
@@ -207,7 +229,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--steps", type=int, default=3, help="timed steps of each kind (after one warm-up)")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPE_TAG))
+    ap.add_argument("--steps", type=int, default=4, help="timed steps of each kind (median)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind before them")
     ap.add_argument("--batch", type=int, default=2, help="global batch")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--out", default=str(RESULTS / "scale.json"))
@@ -220,15 +244,24 @@ def main() -> None:
         ray.init(address="local", num_cpus=max(args.workers) + 1, include_dashboard=False)
         rows = []
         try:
-            for stage in args.stages:
-                for w in args.workers:
-                    t0 = time.time()
-                    rows += run_config(model, stage, w, args, tmp)
-                    print(f"zero{stage} w{w}: {time.time() - t0:.0f} s", flush=True)
+            for dtype in args.dtypes:
+                for stage in args.stages:
+                    for w in args.workers:
+                        t0 = time.time()
+                        rows += run_config(model, dtype, stage, w, args, tmp)
+                        print(f"{dtype} zero{stage} w{w}: {time.time() - t0:.0f} s", flush=True)
         finally:
             ray.shutdown()
     summary = summarize(rows)
-    result = {"model": what, "device": "cpu (gloo)", "cpus": os.cpu_count(), "args": vars(args), "rows": rows}
+    result = {
+        "model": what,
+        "device": "cpu (gloo)",
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python bench/scale.py " + " ".join(sys.argv[1:]),
+        "args": vars(args),
+        "rows": rows,
+    }
     result.update(summary)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
