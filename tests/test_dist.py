@@ -195,6 +195,16 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
         checkpoint.load(None, "bbbb", str(tmp_path))
 
 
+def test_checkpoint_of_another_worker_count_is_refused():
+    from zsaq_dist.dist.checkpoint import check_world
+    from zsaq_dist.errors import ConfigError
+
+    check_world({"num_workers": 2}, 3, 2, "d")
+    check_world({}, 3, 4, "d")  # written before the count was recorded
+    with pytest.raises(ConfigError, match="dist.num_workers: 2"):
+        check_world({"num_workers": 2}, 3, 4, "d")
+
+
 def test_existing_output_fails_before_ray_starts(tmp_path, monkeypatch):
     from zsaq_dist.dist import driver
     from zsaq_dist.errors import ExportError

@@ -33,6 +33,8 @@ def _state(game: DistGame, next_step: int, cfg_hash: str, history: dict) -> dict
         "next_step": next_step,
         "history": history,
         "config_hash": cfg_hash,
+        "num_workers": world()[1],
+        "zero_stage": game.student.zero_optimization_stage(),
         "generator": gen.state_dict() if gen is not None else None,
         "g_opt": game.g_opt.state_dict() if game.g_opt is not None else None,
         "g_sched": game.g_sched.state_dict() if game.g_sched is not None else None,
@@ -56,6 +58,7 @@ def load(game: DistGame, cfg_hash: str, directory: str) -> tuple[int, dict | Non
             f"checkpoint in {directory} was written by a job with config hash {state['config_hash']}, "
             f"this job has {cfg_hash}: resume with the same config, or set dist.storage_path to a fresh directory"
         )
+    check_world(state, game.student.zero_optimization_stage(), world()[1], directory)
     game.student.load_checkpoint(os.path.join(directory, "student"), tag=TAG)
     if state["generator"] is not None:
         game.inp.generator.load_state_dict(state["generator"])
@@ -63,6 +66,21 @@ def load(game: DistGame, cfg_hash: str, directory: str) -> tuple[int, dict | Non
         game.g_sched.load_state_dict(state["g_sched"])
     torch.set_rng_state(state["rng"])
     return int(state["next_step"]), state["history"]
+
+
+def check_world(state: dict[str, Any], stage: int, num_workers: int, directory: str) -> None:
+    """A checkpoint resumes on the number of workers that wrote it (ZeRO 1-3 hold one partition per rank).
+
+    Resuming on another count (DeepSpeed's universal checkpoints) is not supported yet.
+    """
+    saved = state.get("num_workers")
+    if saved is None or saved == num_workers:
+        return
+    raise ConfigError(
+        f"checkpoint in {directory} was written by {saved} workers (ZeRO-{stage}) and this job has "
+        f"{num_workers}: resume with dist.num_workers: {saved}, or set dist.storage_path to a fresh directory "
+        "to start over"
+    )
 
 
 def report(game: DistGame, next_step: int, cfg_hash: str, metrics: dict[str, float], history: dict) -> None:
