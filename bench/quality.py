@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -144,7 +145,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "quality" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
-    command = "python bench/quality.py " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", "bench/quality.py", *sys.argv[1:]])
     fp = _eval(teacher, teacher, args, WORK / "eval-fp.log")
     rows = [{"setting": "fp", "method": "fp", "bits": 32, "group_size": None, "symmetric": None, "act_bits": None,
              "data": "none", "ppl": fp["ppl"], "dppl": 0.0, "kl": 0.0, "top1": 1.0, "seconds": 0.0, "peak_rss_mb": None}]

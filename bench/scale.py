@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import sys
 import tempfile
@@ -258,7 +259,7 @@ def main() -> None:
         "device": "cpu (gloo)",
         "cpus": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "python bench/scale.py " + " ".join(sys.argv[1:]),
+        "command": shlex.join(["python", "bench/scale.py", *sys.argv[1:]]),
         "args": vars(args),
         "rows": rows,
     }
