@@ -2,6 +2,7 @@
 
     python bench/activation_memory.py                      # demo model, W4 g64, batch 1 x 64
     python bench/activation_memory.py --batch 4 --seq-len 64
+    python bench/activation_memory.py --recompute          # method.recompute_fake_quant: true
 
 Fake-quant training keeps several weight-sized tensors per QuantLinear until the
 backward (the scaled weight for the clamp mask, the integer codes, the
@@ -13,6 +14,8 @@ with the whole model, not with a ZeRO partition; this script measures it with
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 
@@ -28,6 +31,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--recompute", action="store_true", help="recompute the fake quantization in the backward")
     args = ap.parse_args()
     cfg = validate(
         {
@@ -37,7 +41,7 @@ def main() -> None:
         }
     )
     teacher, _ = job.load_teacher(cfg, torch.device("cpu"))
-    student = make_student(freeze(teacher), cfg.quant, learnable_scales=True)
+    student = make_student(freeze(teacher), cfg.quant, learnable_scales=True, recompute=args.recompute)
     seen: set[tuple[int, int]] = set()
     saved = 0
 
@@ -53,11 +57,17 @@ def main() -> None:
     x = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         student(input_ids=x)
+    times = []
+    for _ in range(4):  # forward + backward; the first one pays for allocations
+        t0 = time.perf_counter()
+        student(input_ids=x).logits.float().pow(2).mean().backward()
+        times.append(time.perf_counter() - t0)
     params = sum(p.numel() * p.element_size() for p in student.parameters())
     mib = 1 << 20
     print(
-        f"batch {args.batch}x{args.seq_len}: saved for backward {saved / mib:.0f} MiB "
-        f"({saved / params:.2f}x the student's {params / mib:.0f} MiB of parameters)"
+        f"batch {args.batch}x{args.seq_len}, recompute={args.recompute}: saved for backward {saved / mib:.0f} MiB "
+        f"({saved / params:.2f}x the student's {params / mib:.0f} MiB of parameters); "
+        f"forward+backward {statistics.median(times[1:]):.2f} s (median of 3)"
     )
 
 

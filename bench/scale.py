@@ -2,6 +2,7 @@
 
     python bench/scale.py                       # -> bench/results/scale.json + scale.png
     python bench/scale.py --dtypes bfloat16 --stages 0 3 --workers 2   # a subset
+    python bench/scale.py --dtypes float32 --stages 0 3 --workers 2 --recompute --out bench/results/scale_recompute.json
 
 Model: the demo model (SmolLM2-135M-Instruct) when ``zsaq_dist.io.demo`` has
 fetched it, else a random model of the same config shape (same memory and
@@ -126,7 +127,7 @@ def bench_loop(config: dict) -> None:
     cfg = validate(config)
     setup_comm(False)
     teacher, _ = job.load_teacher(cfg, torch.device("cpu"))
-    student = make_student(freeze(teacher), cfg.quant, cfg.method.learnable_scales)
+    student = make_student(freeze(teacher), cfg.quant, cfg.method.learnable_scales, cfg.method.recompute_fake_quant)
     game = DistGame(teacher, student, Inputs(teacher, "noise", cfg.method, None), cfg)
     n, w = bench["steps"], bench["warmup"]
     sam = _timed_steps(game, 0, w + n)[w:]  # the first steps pay for lazy allocations
@@ -156,7 +157,14 @@ def run_config(model: str, dtype: str, stage: int, workers: int, args, raw_dir: 
     cfg = {
         "model": {"path": model, "dtype": dtype},
         "quant": {"weights": {"bits": 4, "group_size": 64}},
-        "method": {"name": "noise", "steps": 100, "batch_size": args.batch, "seq_len": args.seq_len, "rho": 0.05},
+        "method": {
+            "name": "noise",
+            "steps": 100,
+            "batch_size": args.batch,
+            "seq_len": args.seq_len,
+            "rho": 0.05,
+            "recompute_fake_quant": args.recompute,
+        },
         "dist": {"num_workers": workers, "zero_stage": stage},
         "output": {"dir": os.path.join(raw_dir, "unused")},
         "bench": {"steps": args.steps, "warmup": args.warmup, "dir": raw_dir},
@@ -233,6 +241,7 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPE_TAG))
     ap.add_argument("--steps", type=int, default=4, help="timed steps of each kind (median)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind before them")
+    ap.add_argument("--recompute", action="store_true", help="method.recompute_fake_quant: true")
     ap.add_argument("--batch", type=int, default=2, help="global batch")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--out", default=str(RESULTS / "scale.json"))

@@ -148,6 +148,18 @@ def test_two_workers_match_single_process(ray_local, root, model_dir, reference,
     assert json.loads((root / f"z{stage}" / "config.json").read_text())["quantization_config"]["format"]
 
 
+def test_recompute_fake_quant_under_zero3(ray_local, root, model_dir, reference):
+    """Recomputing the fake quantization in the backward works with ZeRO-3's gather/release hooks."""
+    cfg = _cfg(root, "z3-recompute", model_dir, num_workers=2, zero_stage=3)
+    cfg = cfg.model_copy(update={"method": cfg.method.model_copy(update={"recompute_fake_quant": True})})
+    hist = _run(ray_local, cfg)["history"]
+    torch.testing.assert_close(torch.tensor(hist["loss"]), torch.tensor(reference["loss"]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(hist["grad_norm"]), torch.tensor(reference["grad_norm"]), atol=1e-4, rtol=1e-4
+    )
+    _assert_same_tensors(_tensors(root / "z3-recompute"), reference["tensors"], atol=1e-5)
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_bf16_runs_as_mixed_precision(ray_local, root, model_dir, reference, stage):
     """bf16 parameters with fp32 master copies: SAM perturbs, the trajectory tracks fp32, the checkpoint is bf16."""

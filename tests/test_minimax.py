@@ -278,3 +278,42 @@ def test_train_on_cuda(tmp_path, dtype):
     assert next(student.parameters()).device.type == "cuda"
     if dtype == torch.float32:
         assert min(hist["kl"][3:]) < hist["kl"][0]
+
+
+def _saved_bytes(fn) -> int:
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total, out
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_recompute_fake_quant_gives_the_same_gradients_and_keeps_less(act_bits):
+    """method.recompute_fake_quant: same loss and gradients bit for bit; the weight-sized intermediates are gone."""
+    teacher = freeze(make_tiny_llama(seed=5, hidden=64, layers=2))
+    quant = QuantCfg.model_validate({"weights": {"bits": 4, "group_size": 16}, "activations": act_bits and {"bits": 8}})
+    x = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    grads, saved = [], []
+    for recompute in (False, True):
+        student = make_student(teacher, quant, learnable_scales=True, recompute=recompute)
+        nbytes, logits = _saved_bytes(lambda s=student: s(input_ids=x).logits)
+        logits.float().pow(2).mean().backward()
+        params = [p for p in student.parameters() if p.requires_grad]
+        grads.append([p.grad.clone() for p in params])
+        saved.append(nbytes)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+    assert saved[1] < 0.5 * saved[0], saved
+    with torch.no_grad():  # inference does not go through the checkpoint
+        student(input_ids=x)

@@ -154,6 +154,11 @@ class MethodCfg(_Strict):
     generator: GeneratorCfg = GeneratorCfg()
     seed_data: SeedDataCfg = SeedDataCfg()
     log_every: int = Field(1, ge=1, description="progress-bar update interval (steps)")
+    recompute_fake_quant: bool = Field(
+        False,
+        description="recompute each layer's fake quantization in the backward instead of keeping its "
+        "weight-sized intermediates (about 3.5x the parameters at small batches): less memory, more compute",
+    )
 
     @model_validator(mode="after")
     def _scales_only(self) -> MethodCfg:

@@ -32,7 +32,8 @@ def device_for(cfg: Config) -> torch.device:
 
 def build_student(teacher: nn.Module, cfg: Config) -> nn.Module:
     """A fake-quantized copy of ``teacher`` (RTN-initialised); scales learnable when a trained method asks."""
-    return make_student(teacher, cfg.quant, cfg.method.learnable_scales and cfg.method.name != "rtn")
+    m = cfg.method
+    return make_student(teacher, cfg.quant, m.learnable_scales and m.name != "rtn", m.recompute_fake_quant)
 
 
 def load_teacher(cfg: Config, device: torch.device) -> tuple[nn.Module, Any]:

@@ -35,14 +35,19 @@ def student_params(student: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return weights, scales
 
 
-def make_student(teacher: nn.Module, quant_cfg: QuantCfg, learnable_scales: bool = False) -> nn.Module:
+def make_student(
+    teacher: nn.Module, quant_cfg: QuantCfg, learnable_scales: bool = False, recompute: bool = False
+) -> nn.Module:
     """Deep copy of ``teacher``, prepared (RTN init); only quantized weights (and scales) are trainable.
 
     Embeddings, norms and ignored layers (``lm_head``) stay frozen at the teacher's values, so
-    the student differs from the teacher exactly in the layers that are quantized.
+    the student differs from the teacher exactly in the layers that are quantized. ``recompute``:
+    each QuantLinear recomputes its fake quantization in the backward (:class:`QuantLinear`).
     """
     student = copy.deepcopy(teacher)
     prepare(student, quant_cfg, learnable_scales=learnable_scales)
+    for _, m in quant_modules(student):
+        m.recompute = recompute
     return set_trainable(student, learnable_scales)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from zsaq_dist.quant.qparams import init_qparams
 from zsaq_dist.quant.ste import fake_quant_act_per_token, fake_quant_weight, quantize_weight
@@ -26,6 +27,10 @@ class QuantLinear(nn.Linear):
         weight_zero_point: (out, groups) int8 buffer (asymmetric only), else None.
         frozen: after :func:`zsaq_dist.quant.convert`, ``weight`` already holds its
             dequantized value and the forward skips the weight quantizer.
+        recompute: when training, keep only the input for the backward and recompute the
+            fake quantization there (``torch.utils.checkpoint``): the weight-sized
+            intermediates (scaled weight, codes, dequantized weight) are not held from the
+            forward to the backward. Same numbers, more compute.
     """
 
     def __init__(self, *args, **kwargs):  # pragma: no cover - always built by from_linear
@@ -49,6 +54,7 @@ class QuantLinear(nn.Linear):
         new.weight, new.bias = linear.weight, linear.bias
         new.bits, new.group_size, new.symmetric, new.act_bits = bits, group_size, symmetric, act_bits
         new.frozen = False
+        new.recompute = False
         scale, zp = init_qparams(linear.weight.detach(), bits, group_size, symmetric, observer)
         new.weight_scale = nn.Parameter(scale.to(linear.weight.dtype), requires_grad=learnable_scales)
         new.register_buffer("weight_zero_point", zp)
@@ -66,6 +72,11 @@ class QuantLinear(nn.Linear):
         return quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.bits).to(torch.int8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.recompute and not self.frozen and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is not None:
             x = fake_quant_act_per_token(x, self.act_bits)
         return F.linear(x, self.quantized_weight(), self.bias)
