@@ -34,7 +34,6 @@ def _state(game: DistGame, next_step: int, cfg_hash: str, history: dict) -> dict
         "history": history,
         "config_hash": cfg_hash,
         "num_workers": world()[1],
-        "zero_stage": game.student.zero_optimization_stage(),
         "generator": gen.state_dict() if gen is not None else None,
         "g_opt": game.g_opt.state_dict() if game.g_opt is not None else None,
         "g_sched": game.g_sched.state_dict() if game.g_sched is not None else None,
