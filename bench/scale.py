@@ -41,15 +41,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DTYPE_TAG = {"float32": "fp32", "bfloat16": "bf16"}
 
 
-def smollm2_shape_model():
-    """A random LlamaForCausalLM with SmolLM2-135M's config (134.5M parameters, tied embeddings)."""
+def smollm2_shape_model(layers: int = 30):
+    """A random LlamaForCausalLM with SmolLM2-135M's config (134.5M parameters at 30 layers, tied embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
         hidden_size=576,
         intermediate_size=1536,
-        num_hidden_layers=30,
+        num_hidden_layers=layers,
         num_attention_heads=9,
         num_key_value_heads=3,
         vocab_size=49152,

@@ -150,14 +150,57 @@ def test_two_workers_match_single_process(ray_local, root, model_dir, reference,
         assert sum(parts) == pytest.approx(d["student_numel"], rel=0.01)
     t = d["teacher_partition_numel"]
     assert max(t) <= 0.51 * d["teacher_numel"]
+    # loaded partitioned: the teacher never whole on a rank; a ZeRO-3 student whole only in its scales
+    load = d["load"]
+    assert load["teacher_sharded"] and load["student_sharded"] == (stage == 3)
+    whole = 0 if stage == 3 else rep["total_params"]
+    for n in load["resident_numel"]:
+        assert whole <= n <= whole + rep["quantized_params"] / 32  # + the g32 scales
     assert json.loads((root / f"z{stage}" / "config.json").read_text())["quantization_config"]["format"]
 
 
 def test_recompute_fake_quant_under_zero3(ray_local, root, model_dir, reference):
-    """Recomputing the fake quantization in the backward works with ZeRO-3's gather/release hooks."""
-    cfg = _cfg(root, "z3-recompute", model_dir, num_workers=2, zero_stage=3)
+    """Recomputing the fake quantization in the backward works with ZeRO-3's gather/release hooks.
+
+    Also the whole-model load (``dist.sharded_load: false``, the path GGUF files take): each worker holds
+    teacher and student whole until the engines partition them, with the same result.
+    """
+    cfg = _cfg(root, "z3-recompute", model_dir, num_workers=2, zero_stage=3, sharded_load=False)
     cfg = cfg.model_copy(update={"method": cfg.method.model_copy(update={"recompute_fake_quant": True})})
-    _assert_matches_reference(_run(ray_local, cfg)["history"], root / "z3-recompute", reference)
+    rep = _run(ray_local, cfg)
+    _assert_matches_reference(rep["history"], root / "z3-recompute", reference)
+    load = rep["dist"]["load"]
+    assert not load["teacher_sharded"] and not load["student_sharded"]
+    assert min(load["resident_numel"]) >= 2 * rep["total_params"]
+
+
+def test_seed_sequences_written_together_equal_the_single_process_ones(ray_local, root, model_dir):
+    """3 batches of seed sequences over 2 ranks of a partitioned teacher: the cached set equals one process's."""
+    from zsaq_dist import job
+    from zsaq_dist.data.seed import cache_path, generate_seed_tokens, model_fingerprint
+
+    cfg = _cfg(root, "seeds-together", model_dir, num_workers=2, zero_stage=3)
+    sd = cfg.method.seed_data.model_copy(update={"num_sequences": 20, "cache_dir": str(root / "seed-together")})
+    m = cfg.method.model_copy(update={"steps": 1, "seed_data": sd})
+    cfg = cfg.model_copy(update={"method": m, "eval": None})
+    _run(ray_local, cfg)
+    teacher, tok = job.load_teacher(cfg, torch.device("cpu"))
+    path = cache_path(model_fingerprint(teacher), sd, m.seq_len, m.seed)  # the same key as one process
+    assert [p.name for p in (root / "seed-together").iterdir()] == [path.name]
+    expected = generate_seed_tokens(teacher, sd, m.seq_len, m.seed, special_ids=tok.all_special_ids)
+    assert torch.equal(torch.load(path, weights_only=True), expected)
+
+
+def test_non_finite_weights_are_refused_at_sharded_load(ray_local, root):
+    model = make_tiny_llama(seed=4)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    path = save_tiny(model, root / "nan-model")
+    from zsaq_dist.errors import ZsaqError
+
+    with pytest.raises(ZsaqError, match="down_proj.weight holds NaN or Inf"):
+        _run(ray_local, _cfg(root, "nan-out", path, num_workers=2, zero_stage=3))
+    assert not (root / "nan-out").exists()
 
 
 @pytest.mark.parametrize("stage", [0, 3])
@@ -254,3 +297,13 @@ def test_relative_paths_are_resolved_before_workers_see_them(tmp_path, monkeypat
     for keep in ("org/name", "demo:smollm2-135m-instruct"):
         assert absolute_paths(validate({**raw, "model": {"path": keep}})).model.path == keep
     assert absolute_paths(validate({**raw, "output": {"dir": "s3://b/x"}})).output.dir == "s3://b/x"
+
+
+def test_gguf_files_and_sharded_load_false_load_whole(tmp_path, model_dir):
+    from zsaq_dist.dist.load import shardable
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert shardable(_cfg(tmp_path, "out", model_dir, num_workers=2, zero_stage=3))
+    assert not shardable(_cfg(tmp_path, "out", model_dir, num_workers=2, sharded_load=False))
+    assert not shardable(_cfg(tmp_path, "out", str(gguf), num_workers=2))

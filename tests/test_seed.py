@@ -72,3 +72,11 @@ def test_cache_is_reused_and_keyed(model, full, tmp_path, monkeypatch):
     }
     assert len(keys) == 5
     assert cache_key(fp, cfg.model_copy(update={"cache_dir": "/elsewhere"}), 12, 3) == cache_key(fp, cfg, 12, 3)
+
+
+def test_fingerprint_refuses_a_partitioned_embedding():
+    """Under ZeRO-3 the embedding holds no values: a fingerprint of the config alone would mix up models."""
+    model = make_tiny_llama(hidden=32)
+    model.get_input_embeddings().weight.data = torch.empty(0)
+    with pytest.raises(ValueError, match="gather it first"):
+        model_fingerprint(model)

@@ -192,6 +192,9 @@ class DistCfg(_Strict):
     max_failures: int = Field(0, ge=-1, description="worker failures to resume from (-1 = no limit)")
     fail_at_step: int | None = Field(None, description="fault injection for tests: kill a worker at this step once")
     storage_path: str | None = Field(None, description="Ray Train checkpoints; default <output.dir>.ray")
+    sharded_load: bool = Field(
+        True, description="build the teacher (and a ZeRO-3 student) partitioned at load; false: each worker loads it whole"
+    )
 
 
 class OutputCfg(_Strict):

@@ -39,6 +39,7 @@ def build_student(teacher: nn.Module, cfg: Config) -> nn.Module:
 def load_teacher(cfg: Config, device: torch.device) -> tuple[nn.Module, Any]:
     """The full-precision teacher and its tokenizer."""
     from zsaq_dist.io.load import load_model
+
     teacher, tokenizer = load_model(cfg.model, device=str(device))
     return freeze(teacher), tokenizer
 
@@ -46,8 +47,12 @@ def load_teacher(cfg: Config, device: torch.device) -> tuple[nn.Module, Any]:
 def quant_summary(student: nn.Module) -> dict[str, Any]:
     """Counts of quantized layers and parameters, for the report."""
     mods = list(quant_modules(student))
-    qparams = sum(m.weight.numel() for _, m in mods)
-    total = sum(p.numel() for p in student.parameters()) - sum(m.weight_scale.numel() for _, m in mods)
+
+    def numel(p: torch.Tensor) -> int:  # a ZeRO-3 partitioned parameter keeps its full size in ds_numel
+        return getattr(p, "ds_numel", p.numel())
+
+    qparams = sum(numel(m.weight) for _, m in mods)
+    total = sum(numel(p) for p in student.parameters()) - sum(numel(m.weight_scale) for _, m in mods)
     return {"quantized_layers": len(mods), "quantized_params": qparams, "total_params": total}
 
 
@@ -71,6 +76,7 @@ def load_seed_model(cfg: Config, device: torch.device) -> nn.Module | None:
         return None
     from zsaq_dist.config import ModelCfg
     from zsaq_dist.io.load import load_model
+
     model, _ = load_model(ModelCfg(path=path, dtype=cfg.model.dtype), device=str(device))
     return freeze(model)
 

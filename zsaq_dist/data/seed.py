@@ -47,7 +47,9 @@ def model_fingerprint(model: nn.Module) -> str:
     text = cfg.to_json_string(use_diff=False) if cfg is not None else type(model).__name__
     h = hashlib.sha256(text.encode())
     w = model.get_input_embeddings().weight.detach()
-    h.update(w[:16].float().cpu().numpy().tobytes())  # empty under ZeRO-3 partitioning: config alone then
+    if w.numel() == 0:  # a ZeRO-3 partition placeholder: the weights would not count, only the config
+        raise ValueError("model_fingerprint needs the input embedding's values: gather it first under ZeRO-3")
+    h.update(w[:16].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -109,6 +111,31 @@ def _generate_chunk(
     return ids
 
 
+def seed_vocab_mask(model: nn.Module, special_ids: list[int] | None = None) -> torch.Tensor:
+    """Tokens a seed sequence of ``model`` may contain (its output vocabulary without special tokens)."""
+    vocab = model.get_output_embeddings().out_features if model.get_output_embeddings() is not None else None
+    return allowed_token_mask(vocab or model.config.vocab_size, special_ids)
+
+
+def num_chunks(num_sequences: int) -> int:
+    """Batches of :data:`GEN_BATCH` sequences that cover ``num_sequences``."""
+    return -(-num_sequences // GEN_BATCH)
+
+
+def generate_chunk(
+    model: nn.Module, chunk: int, cfg: SeedDataCfg, seq_len: int, seed: int, allowed: torch.Tensor
+) -> torch.Tensor:
+    """Sequences ``[chunk*GEN_BATCH, (chunk+1)*GEN_BATCH)`` as int64 (GEN_BATCH, seq_len) on CPU.
+
+    Bit-identical whoever runs it, so ranks can share the chunks of one seed set.
+    """
+    was_training = model.training
+    model.eval()
+    ids = _generate_chunk(model, range(chunk * GEN_BATCH, (chunk + 1) * GEN_BATCH), cfg, seq_len, seed, allowed)
+    model.train(was_training)
+    return ids
+
+
 def generate_seed_tokens(
     model: nn.Module,
     cfg: SeedDataCfg,
@@ -122,15 +149,10 @@ def generate_seed_tokens(
     stop = cfg.num_sequences if stop is None else stop
     if not 0 <= start <= stop:
         raise ValueError(f"bad sample range [{start}, {stop}): need 0 <= start <= stop")
-    vocab = model.get_output_embeddings().out_features if model.get_output_embeddings() is not None else None
-    vocab = vocab or model.config.vocab_size
-    allowed = allowed_token_mask(vocab, special_ids)
-    was_training = model.training
-    model.eval()
-    chunks = []
-    for c in range(start // GEN_BATCH, -(-stop // GEN_BATCH)):
-        chunks.append(_generate_chunk(model, range(c * GEN_BATCH, (c + 1) * GEN_BATCH), cfg, seq_len, seed, allowed))
-    model.train(was_training)
+    allowed = seed_vocab_mask(model, special_ids)
+    chunks = [
+        generate_chunk(model, c, cfg, seq_len, seed, allowed) for c in range(start // GEN_BATCH, num_chunks(stop))
+    ]
     if not chunks:
         return torch.empty(0, seq_len, dtype=torch.long)
     off = (start // GEN_BATCH) * GEN_BATCH
@@ -149,6 +171,20 @@ def default_cache_dir() -> Path:
     return Path(root) / "zsaq_dist" / "seed"
 
 
+def cache_path(model_id: str, cfg: SeedDataCfg, seq_len: int, seed: int) -> Path:
+    """Where the seed set of ``model_id`` (:func:`model_fingerprint`) with these settings is cached."""
+    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return root / f"seed-{cache_key(model_id, cfg, seq_len, seed)}.pt"
+
+
+def save_cached(ids: torch.Tensor, path: Path) -> None:
+    """Write the seed set atomically: a concurrent reader sees the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    torch.save(ids, tmp)
+    os.replace(tmp, path)
+
+
 def load_or_generate(
     model: nn.Module,
     cfg: SeedDataCfg,
@@ -159,16 +195,11 @@ def load_or_generate(
 ) -> torch.Tensor:
     """All seed sequences (num_sequences, seq_len), from the cache if present, else generated and cached.
 
-    ``model_id`` overrides :func:`model_fingerprint` (e.g. the model path, under ZeRO-3).
+    ``model_id`` overrides :func:`model_fingerprint`.
     """
-    key = cache_key(model_id or model_fingerprint(model), cfg, seq_len, seed)
-    path = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    path = path / f"seed-{key}.pt"
+    path = cache_path(model_id or model_fingerprint(model), cfg, seq_len, seed)
     if path.is_file():
         return torch.load(path, weights_only=True)
     ids = generate_seed_tokens(model, cfg, seq_len, seed, special_ids=tokenizer_special_ids(tokenizer))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(ids, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
+    save_cached(ids, path)
     return ids

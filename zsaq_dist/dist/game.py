@@ -32,6 +32,12 @@ from zsaq_dist.minimax.trainer import Inputs, batch_indices, generator_optimizer
 from zsaq_dist.optim.schedule import rho_at
 
 
+def _is_engine(model) -> bool:
+    from deepspeed import DeepSpeedEngine
+
+    return isinstance(model, DeepSpeedEngine)
+
+
 def local_indices(step: int, cfg: Config) -> range:
     """This rank's global sample numbers at student step ``step``."""
     rank, n = world()
@@ -65,14 +71,15 @@ def average_metrics(metrics: dict[str, float]) -> dict[str, float]:
 class DistGame:
     """Engines, optimizers and inputs of one worker; :meth:`step` is one SAM-SGA student step."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, inp: Inputs, cfg: Config):
+    def __init__(self, teacher, student: nn.Module, inp: Inputs, cfg: Config):
+        """``teacher``: its ZeRO-3 engine (:func:`teacher_engine`), or the module to wrap in one here."""
         m = self.m = cfg.method
         self.cfg, self.inp = cfg, inp
         weights, scales = student_params(student)
         opt = make_optimizer(weights, scales, m)
         sched = make_student_scheduler(opt, m)  # per-group lr: DeepSpeed steps it (scales_only_steps)
         self.student = student_engine(student, opt, sched, cfg)
-        self.teacher = teacher_engine(teacher, cfg)
+        self.teacher = teacher if _is_engine(teacher) else teacher_engine(teacher, cfg)
         self.mech = dsam.mechanics(self.student, weights)  # SAM moves the weights only, as the trainer does
         self.every = m.generator.student_steps_per_generator_step
         self.ascent = inp.generator is not None and m.ascent

@@ -1,7 +1,8 @@
 """``train_loop(config)``: what every Ray Train worker runs (Ray's DeepSpeed fine-tuning layout).
 
-Load the teacher, build the student (RTN), make the seed sequences (rank 0,
-broadcast) and the generator, wrap teacher and student in DeepSpeed engines,
+Load the teacher partitioned and build the student (RTN; partitioned at ZeRO-3,
+:mod:`zsaq_dist.dist.load`), wrap the teacher in its ZeRO-3 engine, make the
+seed sequences (all ranks together) and the generator, wrap the student,
 resume from ``ray.train.get_checkpoint()``, run the SAM-SGA steps with a
 checkpoint every ``dist.checkpoint_every``, then export in parallel. Rank 0
 logs and writes the report.
@@ -9,6 +10,7 @@ logs and writes the report.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -20,8 +22,9 @@ import torch
 from zsaq_dist import job
 from zsaq_dist.config import Config, validate
 from zsaq_dist.dist import checkpoint
+from zsaq_dist.dist import load as dload
 from zsaq_dist.dist import sam as dsam
-from zsaq_dist.dist.engines import setup_comm, world
+from zsaq_dist.dist.engines import setup_comm, teacher_engine, world
 from zsaq_dist.dist.export import _broadcast, export_parallel
 from zsaq_dist.dist.game import DistGame
 from zsaq_dist.minimax.trainer import Inputs, new_history, record_step, load_seed_ids, resolve_mode
@@ -48,16 +51,25 @@ def _maybe_fail(cfg: Config, step: int) -> None:
 
 
 def _inputs(teacher, tokenizer, cfg: Config) -> Inputs:
-    """Seed sequences (generated once on rank 0, broadcast) and the generator, before any partitioning."""
+    """Seed sequences and the generator; ``teacher`` is the ZeRO-3 teacher engine's module (partitioned).
+
+    Seeds come from the optional seed model (rank 0, broadcast) or from the teacher, all ranks together
+    (:func:`zsaq_dist.dist.load.seed_ids_together`); the noise mode's embedding statistics need the whole
+    embedding table, gathered for that moment.
+    """
     m = cfg.method
     mode = resolve_mode(m)
     rank, _ = world()
     seed_ids = None
-    if mode != "noise":
+    if mode != "noise" and m.seed_data.seed_model is not None:
         seed_model = job.load_seed_model(cfg, job.device_for(cfg)) if rank == 0 else None
-        seed_ids = _broadcast(load_seed_ids(teacher, seed_model, tokenizer, m) if rank == 0 else None)
-    torch.manual_seed(m.seed)  # the generator's initial weights, identical on every rank
-    return Inputs(teacher, mode, m, seed_ids)
+        seed_ids = _broadcast(load_seed_ids(None, seed_model, tokenizer, m) if rank == 0 else None)
+    elif mode != "noise":
+        seed_ids = dload.seed_ids_together(teacher, tokenizer, cfg, dload.fingerprint(teacher))
+    emb = teacher.get_input_embeddings().weight
+    with dload.gathered([emb]) if mode == "noise" else contextlib.nullcontext():
+        torch.manual_seed(m.seed)  # the generator's initial weights, identical on every rank
+        return Inputs(teacher, mode, m, seed_ids)
 
 
 def _train(game: DistGame, cfg: Config, start: int, hist: dict | None) -> dict[str, Any]:
@@ -115,14 +127,22 @@ def train_loop(config: dict[str, Any]) -> None:
     setup_comm(cfg.dist.use_gpu)
     t0 = time.perf_counter()
     report = job.base_report(cfg)
-    teacher, tokenizer = job.load_teacher(cfg, job.device_for(cfg))
-    student = job.build_student(teacher, cfg)
+    teacher, tokenizer = dload.load_teacher(cfg)
+    student = dload.build_student(cfg, teacher)
     report.update(job.quant_summary(student))
-    inp = _inputs(teacher, tokenizer, cfg)
-    game = DistGame(teacher, student, inp, cfg)
+    load = {
+        "teacher_sharded": dload.is_partitioned(next(teacher.parameters())),
+        "student_sharded": dload.is_partitioned(next(student.parameters())),
+        # per rank, after loading teacher and student: parameter elements held whole, peak memory
+        "resident_numel": _gather(dload.resident_numel(teacher, student)),
+        "peak_rss_mb": _gather(dload.peak_rss_mb()),
+    }
+    t_engine = teacher_engine(teacher, cfg)  # partitions a teacher that was loaded whole
+    inp = _inputs(t_engine.module, tokenizer, cfg)
+    game = DistGame(t_engine, student, inp, cfg)
     start, hist = checkpoint.resume(game, cfg.hash())
     report["load_seconds"] = round(time.perf_counter() - t0, 2)
-    report["dist"] = _dist_summary(game, cfg, start)
+    report["dist"] = {**_dist_summary(game, cfg, start), "load": load}
     if cfg.method.name != "rtn" and cfg.method.steps > 0:
         report["history"] = _train(game, cfg, start, hist)
     if cfg.eval is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -44,11 +46,24 @@ def make_student(
     the student differs from the teacher exactly in the layers that are quantized. ``recompute``:
     each QuantLinear recomputes its fake quantization in the backward (:class:`QuantLinear`).
     """
-    student = copy.deepcopy(teacher)
-    prepare(student, quant_cfg, learnable_scales=learnable_scales)
-    for _, m in quant_modules(student):
+    return to_student(copy.deepcopy(teacher), quant_cfg, learnable_scales, recompute)
+
+
+def to_student(
+    model: nn.Module,
+    quant_cfg: QuantCfg,
+    learnable_scales: bool = False,
+    recompute: bool = False,
+    gather: Callable[[nn.Parameter], AbstractContextManager] | None = None,
+) -> nn.Module:
+    """Turn ``model`` (a fresh copy of the teacher's weights) into the student in place, as :func:`make_student`.
+
+    ``gather``: see :func:`zsaq_dist.quant.prepare` (a student loaded already partitioned by ZeRO-3).
+    """
+    prepare(model, quant_cfg, learnable_scales=learnable_scales, gather=gather)
+    for _, m in quant_modules(model):
         m.recompute = recompute
-    return set_trainable(student, learnable_scales)
+    return set_trainable(model, learnable_scales)
 
 
 def set_trainable(student: nn.Module, learnable_scales: bool) -> nn.Module:

@@ -7,7 +7,8 @@ module name (the compressed-tensors convention), never per architecture.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -54,8 +55,18 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def prepare(model: nn.Module, cfg: QuantCfg, learnable_scales: bool = False) -> nn.Module:
-    """Swap every targeted Linear of ``model`` (in place) for a :class:`QuantLinear` initialised by RTN."""
+def prepare(
+    model: nn.Module,
+    cfg: QuantCfg,
+    learnable_scales: bool = False,
+    gather: Callable[[nn.Parameter], AbstractContextManager] | None = None,
+) -> nn.Module:
+    """Swap every targeted Linear of ``model`` (in place) for a :class:`QuantLinear` initialised by RTN.
+
+    ``gather(weight)``: a context in which a partitioned weight holds its full value (the dist layer
+    passes ZeRO-3's ``GatheredParameters``), entered around each layer's scale initialisation; one
+    layer is whole at a time.
+    """
     targets = find_targets(model, cfg.targets, cfg.ignore)
     if not targets:
         raise ModelLoadError(
@@ -68,7 +79,8 @@ def prepare(model: nn.Module, cfg: QuantCfg, learnable_scales: bool = False) -> 
     for name, lin in targets:
         _check_group(name, lin, w.group_size)
     for name, lin in targets:
-        q = QuantLinear.from_linear(lin, w.bits, w.group_size, w.symmetric, act_bits, w.observer, learnable_scales)
+        with gather(lin.weight) if gather is not None else nullcontext():
+            q = QuantLinear.from_linear(lin, w.bits, w.group_size, w.symmetric, act_bits, w.observer, learnable_scales)
         _set_submodule(model, name, q)
     return model
 
