@@ -250,14 +250,16 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
         checkpoint.load(None, "bbbb", str(tmp_path))
 
 
-def test_checkpoint_of_another_worker_count_is_refused():
-    from zsaq_dist.dist.checkpoint import check_world
-    from zsaq_dist.errors import ConfigError
+def test_only_zero_1_to_3_checkpoints_of_another_worker_count_need_converting(tmp_path):
+    from zsaq_dist.dist.checkpoint import needs_universal
 
-    check_world({"num_workers": 2}, 3, 2, "d")
-    check_world({}, 3, 4, "d")  # written before the count was recorded
-    with pytest.raises(ConfigError, match="dist.num_workers: 2"):
-        check_world({"num_workers": 2}, 3, 4, "d")
+    cfg = _cfg(tmp_path, "out", "unused", zero_stage=3)  # this process: 1 worker
+    assert needs_universal({"num_workers": 2}, cfg)
+    assert not needs_universal({"num_workers": 1}, cfg)
+    assert not needs_universal({}, cfg)  # written before the count was recorded
+    assert not needs_universal(None, cfg)
+    stage0 = cfg.model_copy(update={"dist": cfg.dist.model_copy(update={"zero_stage": 0})})
+    assert not needs_universal({"num_workers": 2}, stage0)  # replicated state loads as is
 
 
 def test_existing_output_fails_before_ray_starts(tmp_path, monkeypatch):
@@ -307,3 +309,21 @@ def test_gguf_files_and_sharded_load_false_load_whole(tmp_path, model_dir):
     assert shardable(_cfg(tmp_path, "out", model_dir, num_workers=2, zero_stage=3))
     assert not shardable(_cfg(tmp_path, "out", model_dir, num_workers=2, sharded_load=False))
     assert not shardable(_cfg(tmp_path, "out", str(gguf), num_workers=2))
+
+
+@pytest.mark.parametrize(("stage", "before", "after"), [(3, 2, 1), (2, 1, 2), (0, 2, 1)])
+def test_a_job_resumes_on_another_worker_count(ray_local, root, model_dir, reference, stage, before, after):
+    """Killed after the step-2 checkpoint, rerun on another worker count: it resumes there and ends as the reference.
+
+    ZeRO 1-3 partitions are converted to a universal checkpoint on the way; ZeRO-0 state loads as is.
+    """
+    from zsaq_dist.errors import ZsaqError
+
+    name = f"regrow-z{stage}-{before}to{after}"
+    killed = _cfg(root, name, model_dir, num_workers=before, zero_stage=stage, checkpoint_every=2, fail_at_step=3)
+    with pytest.raises(ZsaqError, match="failed"):
+        _run(ray_local, killed)
+    rep = _run(ray_local, _cfg(root, name, model_dir, num_workers=after, zero_stage=stage, checkpoint_every=2))
+    assert rep["dist"]["resumed_from_step"] == 2 and rep["dist"]["num_workers"] == after
+    _assert_same_tensors(_tensors(root / name), reference["tensors"], atol=1e-5)
+    assert rep["history"]["loss"] == pytest.approx(reference["loss"], abs=1e-4)

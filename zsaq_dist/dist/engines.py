@@ -60,8 +60,13 @@ def micro_batch(cfg: Config, world_size: int) -> int:
     return b // world_size
 
 
-def ds_config(cfg: Config, world_size: int, stage: int, grad_clip: float | None) -> dict[str, Any]:
-    """A DeepSpeed config for one engine (fp32 or the model's dtype, no accumulation)."""
+def ds_config(
+    cfg: Config, world_size: int, stage: int, grad_clip: float | None, universal: bool = False
+) -> dict[str, Any]:
+    """A DeepSpeed config for one engine (fp32 or the model's dtype, no accumulation).
+
+    ``universal``: the engine will load a universal checkpoint (one written by another worker count).
+    """
     mb = micro_batch(cfg, world_size)
     zero: dict[str, Any] = {"stage": stage}
     if stage == 3:
@@ -77,6 +82,8 @@ def ds_config(cfg: Config, world_size: int, stage: int, grad_clip: float | None)
     }
     if grad_clip:
         c["gradient_clipping"] = grad_clip
+    if universal:
+        c["checkpoint"] = {"load_universal": True}
     if cfg.model.dtype == "bfloat16":
         c["bf16"] = {"enabled": True}
     elif cfg.model.dtype == "float16":
@@ -89,12 +96,13 @@ def student_engine(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     cfg: Config,
+    universal: bool = False,
 ):
     """The student as a DeepSpeed engine at ``dist.zero_stage``; ``engine.step`` also steps ``scheduler``."""
     import deepspeed
 
     _, n = world()
-    conf = ds_config(cfg, n, cfg.dist.zero_stage, cfg.method.grad_clip)
+    conf = ds_config(cfg, n, cfg.dist.zero_stage, cfg.method.grad_clip, universal)
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
     return engine
 

@@ -71,14 +71,17 @@ def average_metrics(metrics: dict[str, float]) -> dict[str, float]:
 class DistGame:
     """Engines, optimizers and inputs of one worker; :meth:`step` is one SAM-SGA student step."""
 
-    def __init__(self, teacher, student: nn.Module, inp: Inputs, cfg: Config):
-        """``teacher``: its ZeRO-3 engine (:func:`teacher_engine`), or the module to wrap in one here."""
+    def __init__(self, teacher, student: nn.Module, inp: Inputs, cfg: Config, universal: bool = False):
+        """``teacher``: its ZeRO-3 engine (:func:`teacher_engine`), or the module to wrap in one here.
+
+        ``universal``: the student engine will resume from a universal checkpoint (another worker count).
+        """
         m = self.m = cfg.method
         self.cfg, self.inp = cfg, inp
         weights, scales = student_params(student)
         opt = make_optimizer(weights, scales, m)
         sched = make_student_scheduler(opt, m)  # per-group lr: DeepSpeed steps it (scales_only_steps)
-        self.student = student_engine(student, opt, sched, cfg)
+        self.student = student_engine(student, opt, sched, cfg, universal)
         self.teacher = teacher if _is_engine(teacher) else teacher_engine(teacher, cfg)
         self.mech = dsam.mechanics(self.student, weights)  # SAM moves the weights only, as the trainer does
         self.every = m.generator.student_steps_per_generator_step

@@ -139,8 +139,9 @@ def train_loop(config: dict[str, Any]) -> None:
     }
     t_engine = teacher_engine(teacher, cfg)  # partitions a teacher that was loaded whole
     inp = _inputs(t_engine.module, tokenizer, cfg)
-    game = DistGame(t_engine, student, inp, cfg)
-    start, hist = checkpoint.resume(game, cfg.hash())
+    saved = checkpoint.restored()  # Ray Train's checkpoint of this run, if it restarts or is rerun
+    game = DistGame(t_engine, student, inp, cfg, universal=checkpoint.needs_universal(saved, cfg))
+    start, hist = checkpoint.resume(game, cfg.hash(), saved)
     report["load_seconds"] = round(time.perf_counter() - t0, 2)
     report["dist"] = {**_dist_summary(game, cfg, start), "load": load}
     if cfg.method.name != "rtn" and cfg.method.steps > 0:
