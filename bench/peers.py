@@ -2,6 +2,7 @@
 
     python bench/peers.py --quick          # W4 rows, smaller budget
     python bench/peers.py --all            # reproduces bench/results/peers.json (adds asym GPTQ and AWQ)
+    python bench/peers.py --all --only gptq --bits 4 --sym asym --calib-n 128 --out bench/results/peers_calib128.json
 
 Every quantizer runs as its own subprocess (``bench/peers_run.py``): ours in
 this venv, HQQ and llm-compressor (GPTQ, AWQ) in the peers' venv
@@ -98,8 +99,11 @@ def default_model() -> str:
     return str(fetch_demo_model())
 
 
-def write_data(model_dir: str, budget: dict, work: Path) -> dict[str, object]:
-    """Tokenize the evaluation and calibration streams once; returns their paths and the seed-generation time."""
+def write_data(model_dir: str, budget: dict, work: Path, need_self: bool = True) -> dict[str, object]:
+    """Tokenize the evaluation and calibration streams once; returns their paths and the seed-generation time.
+
+    ``need_self``: also generate the self-written calibration set (only data-free rows read it).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -121,6 +125,8 @@ def write_data(model_dir: str, budget: dict, work: Path) -> dict[str, object]:
     torch.save(ids[: budget["eval_tokens"]].clone(), paths["eval"])
     torch.save(ids[CALIB_OFFSET : CALIB_OFFSET + n * length].reshape(n, length).clone(), paths["real"])
     seconds_file = paths["self"].with_suffix(".seconds")
+    if not need_self:
+        return {**{k: str(v) for k, v in paths.items() if k != "self"}, "self_seconds": 0.0}
     if not paths["self"].is_file():
         teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         t0 = time.perf_counter()
@@ -225,6 +231,16 @@ def machine() -> str:
 LABELS = {"rtn": "RTN (zsaq_dist)", "hqq": "HQQ", "gptq": "GPTQ (llm-compressor)", "awq": "AWQ (llm-compressor)"}
 
 
+def selected(row: dict, args: argparse.Namespace) -> bool:
+    """Whether ``row`` passes the ``--only`` / ``--bits`` / ``--sym`` filters (none given: every row)."""
+    sym = "sym" if row["symmetric"] else "asym"
+    return (
+        (not args.only or row["method"] in args.only)
+        and (not args.bits or row["bits"] in args.bits)
+        and (not args.sym or sym in args.sym)
+    )
+
+
 def collect(args: argparse.Namespace) -> dict:
     """Run every planned row and return the merged table."""
     budget = {**BUDGET, **(QUICK if args.quick else {})}
@@ -234,12 +250,11 @@ def collect(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     model_dir = args.model or default_model()
     pythons = {"ours": Path(sys.executable), "peers": peers_venv.ensure_venv(Path(args.venv))}
-    data = write_data(model_dir, budget, work)
+    planned = [r for r in plan(args.quick, args.all) if selected(r, args)]
+    data = write_data(model_dir, budget, work, need_self=any(r["data"] == "self" for r in planned))
     teacher = teacher_row(model_dir, data, budget)
     rows, failed, missing = [teacher], [], []
-    for row in plan(args.quick, args.all):
-        if args.only and row["method"] not in args.only:
-            continue
+    for row in planned:
         try:
             m = run_row(row, data, budget, model_dir, pythons, work, args.cached_only, args.threads)
         except MissingRow as err:
@@ -303,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--cached-only", action="store_true", help="assemble finished rows only; list the others")
     p.add_argument("--only", nargs="+", choices=sorted(LABELS), help="run only these methods")
+    p.add_argument("--bits", nargs="+", type=int, choices=[3, 4], help="run only these weight bits")
+    p.add_argument("--sym", nargs="+", choices=["sym", "asym"], help="run only symmetric / asymmetric rows")
     p.add_argument("--out", default=str(BENCH / "results" / "peers.json"))
     p.add_argument("--work", default=str(BENCH / ".work"), help="cache of token ids, checkpoints and per-run results")
     p.add_argument("--venv", default=str(peers_venv.DEFAULT_VENV))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -120,6 +121,12 @@ def test_plan_grid(monkeypatch):
     assert {r["bits"] for r in peers.plan(quick=True)} == {4}
     everything = peers.plan(quick=False, everything=True)
     assert ("awq", 4, False, "real") in {(r["method"], r["bits"], r["symmetric"], r["data"]) for r in everything}
+    # --only gptq --bits 4 --sym asym: the one row a bigger calibration budget is spent on
+    args = argparse.Namespace(only=["gptq"], bits=[4], sym=["asym"])
+    picked = [(r["method"], r["bits"], r["symmetric"], r["data"]) for r in everything if peers.selected(r, args)]
+    assert picked == [("gptq", 4, False, "real")]
+    no_filter = argparse.Namespace(only=None, bits=None, sym=None)
+    assert all(peers.selected(r, no_filter) for r in everything)
 
 
 def test_readme_section_is_rewritten_between_markers_with_ratios(render, tmp_path):

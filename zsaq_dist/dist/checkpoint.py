@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from zsaq_dist.config import Config
-from zsaq_dist.dist.engines import world
+from zsaq_dist.dist.engines import all_gather, world
 from zsaq_dist.dist.game import DistGame
 from zsaq_dist.errors import ConfigError
 
@@ -107,15 +107,6 @@ def to_universal(src: str, dst: str) -> None:
     main(args)
 
 
-def _all_gather(obj: Any) -> list[Any]:
-    _, n = world()
-    if n == 1:
-        return [obj]
-    out: list[Any] = [None] * n
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
@@ -124,11 +115,11 @@ def _barrier() -> None:
 def _universal_per_host(src: str, tmp: str) -> str:
     """The first rank of each host converts ``src`` into its ``tmp``; returns this host's converted folder's parent."""
     rank, _ = world()
-    hosts = _all_gather(socket.gethostname())
+    hosts = all_gather(socket.gethostname())
     leader = hosts.index(hosts[rank])
     if rank == leader:
         to_universal(src, os.path.join(tmp, TAG))
-    return _all_gather(tmp if rank == leader else None)[leader]
+    return all_gather(tmp if rank == leader else None)[leader]
 
 
 def report(game: DistGame, next_step: int, cfg_hash: str, metrics: dict[str, float], history: dict) -> None:

@@ -49,6 +49,25 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a collective; ``obj`` is ignored elsewhere)."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a collective)."""
+    _, n = world()
+    if n == 1:
+        return [obj]
+    out: list[Any] = [None] * n
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def micro_batch(cfg: Config, world_size: int) -> int:
     """Per-rank slice of the global batch; the global batch must split evenly."""
     b = cfg.method.batch_size

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zsaq_dist.config import Config
-from zsaq_dist.dist.engines import world
+from zsaq_dist.dist.engines import broadcast, world
 from zsaq_dist.errors import ExportError
 from zsaq_dist.io.compress import model_format
 from zsaq_dist.io.export import check_target, swap_in, module_tensors, write_metadata
@@ -35,15 +35,6 @@ def _gather_fn(zero_stage: int):
     return lambda m: deepspeed.zero.GatheredParameters(list(m.parameters(recurse=False)))
 
 
-def _broadcast(obj: Any) -> Any:
-    _, n = world()
-    if n == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _work_dir(cfg: Config) -> str:
     """Rank 0 checks the target and names the work dir; every rank gets the name, or the same error."""
     rank, _ = world()
@@ -56,7 +47,7 @@ def _work_dir(cfg: Config) -> str:
             fs.makedirs(work, exist_ok=True)
         except ExportError as err:  # the other ranks would wait in the broadcast forever
             error = str(err)
-    work, error = _broadcast((work, error))
+    work, error = broadcast((work, error))
     if error is not None:
         raise ExportError(error)
     return work

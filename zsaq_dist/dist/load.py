@@ -25,6 +25,7 @@ import ctypes
 import ctypes.util
 import logging
 import resource
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from torch import nn
 from zsaq_dist import job
 from zsaq_dist.config import Config
 from zsaq_dist.data import seed as seed_data
-from zsaq_dist.dist.engines import ds_config, world
+from zsaq_dist.dist.engines import all_gather, broadcast, ds_config, world
 from zsaq_dist.errors import ModelLoadError
 from zsaq_dist.minimax.student import freeze, to_student
 
@@ -81,11 +82,7 @@ def is_partitioned(p: torch.Tensor) -> bool:
 def check_finite_partitions(model: nn.Module) -> None:
     """:func:`zsaq_dist.io.load.check_finite` for a partitioned model: each rank checks its partitions."""
     bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p.ds_tensor).all()]
-    everyone: list[list[str]] = [bad]
-    if world()[1] > 1:
-        everyone = [[] for _ in range(world()[1])]
-        dist.all_gather_object(everyone, bad)
-    names = sorted({n for part in everyone for n in part})
+    names = sorted({n for part in all_gather(bad) for n in part})
     if names:
         raise ModelLoadError(
             f"tensor {names[0]} holds NaN or Inf values: the checkpoint is corrupt or was saved from a diverged "
@@ -188,8 +185,9 @@ def resident_numel(*models: nn.Module) -> int:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB (Linux ``ru_maxrss`` is in KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """This process's peak resident memory so far, in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
 
 
 def fingerprint(teacher: nn.Module) -> str:
@@ -197,14 +195,6 @@ def fingerprint(teacher: nn.Module) -> str:
     w = teacher.get_input_embeddings().weight
     with gathered([w]) if is_partitioned(w) else contextlib.nullcontext():
         return seed_data.model_fingerprint(teacher)
-
-
-def _broadcast(obj: Any) -> Any:
-    if world()[1] == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def seed_ids_together(teacher: nn.Module, tokenizer: Any, cfg: Config, model_id: str) -> torch.Tensor:
@@ -217,8 +207,8 @@ def seed_ids_together(teacher: nn.Module, tokenizer: Any, cfg: Config, model_id:
     m = cfg.method
     rank, n = world()
     path = seed_data.cache_path(model_id, m.seed_data, m.seq_len, m.seed)
-    if _broadcast(path.is_file() if rank == 0 else None):
-        return _broadcast(torch.load(path, weights_only=True) if rank == 0 else None)
+    if broadcast(path.is_file() if rank == 0 else None):
+        return broadcast(torch.load(path, weights_only=True) if rank == 0 else None)
     allowed = seed_data.seed_vocab_mask(teacher, seed_data.tokenizer_special_ids(tokenizer))
     total = seed_data.num_chunks(m.seed_data.num_sequences)
     mine = {}
@@ -227,11 +217,7 @@ def seed_ids_together(teacher: nn.Module, tokenizer: Any, cfg: Config, model_id:
         ids = seed_data.generate_chunk(teacher, c if c < total else 0, m.seed_data, m.seq_len, m.seed, allowed)
         if c < total:
             mine[c] = ids
-    parts: list[dict[int, torch.Tensor]] = [mine]
-    if n > 1:
-        parts = [{} for _ in range(n)]
-        dist.all_gather_object(parts, mine)
-    chunks = {c: t for part in parts for c, t in part.items()}
+    chunks = {c: t for part in all_gather(mine) for c, t in part.items()}
     ids = torch.cat([chunks[c] for c in range(total)])[: m.seed_data.num_sequences]
     if rank == 0:
         seed_data.save_cached(ids, path)

@@ -24,8 +24,8 @@ from zsaq_dist.config import Config, validate
 from zsaq_dist.dist import checkpoint
 from zsaq_dist.dist import load as dload
 from zsaq_dist.dist import sam as dsam
-from zsaq_dist.dist.engines import setup_comm, teacher_engine, world
-from zsaq_dist.dist.export import _broadcast, export_parallel
+from zsaq_dist.dist.engines import all_gather, broadcast, setup_comm, teacher_engine, world
+from zsaq_dist.dist.export import export_parallel
 from zsaq_dist.dist.game import DistGame
 from zsaq_dist.minimax.trainer import Inputs, new_history, record_step, load_seed_ids, resolve_mode
 
@@ -63,7 +63,7 @@ def _inputs(teacher, tokenizer, cfg: Config) -> Inputs:
     seed_ids = None
     if mode != "noise" and m.seed_data.seed_model is not None:
         seed_model = job.load_seed_model(cfg, job.device_for(cfg)) if rank == 0 else None
-        seed_ids = _broadcast(load_seed_ids(None, seed_model, tokenizer, m) if rank == 0 else None)
+        seed_ids = broadcast(load_seed_ids(None, seed_model, tokenizer, m) if rank == 0 else None)
     elif mode != "noise":
         seed_ids = dload.seed_ids_together(teacher, tokenizer, cfg, dload.fingerprint(teacher))
     emb = teacher.get_input_embeddings().weight
@@ -93,15 +93,6 @@ def _train(game: DistGame, cfg: Config, start: int, hist: dict | None) -> dict[s
     return hist
 
 
-def _gather(x: Any) -> list[Any]:
-    _, n = world()
-    if n == 1:
-        return [x]
-    out: list[Any] = [None] * n
-    torch.distributed.all_gather_object(out, x)
-    return out
-
-
 def _dist_summary(game: DistGame, cfg: Config, start: int) -> dict[str, Any]:
     """Workers, stage, resume point, and the parameter elements each rank holds (student and teacher)."""
     teacher_local = sum(p.ds_tensor.numel() for p in game.teacher.module.parameters())
@@ -112,9 +103,9 @@ def _dist_summary(game: DistGame, cfg: Config, start: int) -> dict[str, Any]:
         "student_numel": sum(
             p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in game.student.module.parameters()
         ),
-        "student_partition_numel": _gather(dsam.partition_numel(game.student)),
+        "student_partition_numel": all_gather(dsam.partition_numel(game.student)),
         "teacher_numel": sum(p.ds_numel for p in game.teacher.module.parameters()),
-        "teacher_partition_numel": _gather(teacher_local),
+        "teacher_partition_numel": all_gather(teacher_local),
     }
 
 
@@ -134,8 +125,8 @@ def train_loop(config: dict[str, Any]) -> None:
         "teacher_sharded": dload.is_partitioned(next(teacher.parameters())),
         "student_sharded": dload.is_partitioned(next(student.parameters())),
         # per rank, after loading teacher and student: parameter elements held whole, peak memory
-        "resident_numel": _gather(dload.resident_numel(teacher, student)),
-        "peak_rss_mb": _gather(dload.peak_rss_mb()),
+        "resident_numel": all_gather(dload.resident_numel(teacher, student)),
+        "peak_rss_mb": all_gather(dload.peak_rss_mb()),
     }
     t_engine = teacher_engine(teacher, cfg)  # partitions a teacher that was loaded whole
     inp = _inputs(t_engine.module, tokenizer, cfg)
