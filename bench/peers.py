@@ -2,7 +2,7 @@
 
     python bench/peers.py --quick          # W4 rows, smaller budget
     python bench/peers.py --all            # reproduces bench/results/peers.json (adds asym GPTQ and AWQ)
-    python bench/peers.py --all --only gptq --bits 4 --sym asym --calib-n 128 --out bench/results/peers_calib128.json
+    python bench/peers.py --all --only gptq --bits 3 4 --sym asym --calib-n 128 --out bench/results/peers_calib128.json
 
 Every quantizer runs as its own subprocess (``bench/peers_run.py``): ours in
 this venv, HQQ and llm-compressor (GPTQ, AWQ) in the peers' venv

@@ -15,10 +15,11 @@ partition), the peak RSS, and the median time of a SAM step (rho > 0) and of a
 plain step (rho = 0), after two warm-up steps of each kind (the first steps pay
 for lazy allocations and run 2-3x slower). Every config runs in fp32 and in bf16
 mixed precision (bf16 parameters, fp32 master copies and moments: how DeepSpeed
-is run on GPUs). In fp32, ZeRO 1-3 keep an fp32 master partition *besides* the
-fp32 parameter partition, which ZeRO-0 does not need, so the fp32 state ratio
-has a floor of (4 + 4 + 8) / 2 / (4 + 8) = 0.67 at 2 workers for the trained
-weights; in bf16 both sides hold masters and the ratio tends to 1/2. Targets: at
+is run on GPUs). In fp32, ZeRO 1-2 keep an fp32 master partition *besides* the
+fp32 parameters, which ZeRO-0 does not need; ZeRO-3 would too (a DeepSpeed
+device-comparison bug defeats its own same-dtype sharing) but
+``share_fp32_masters`` lets it update the partitions in place, so its fp32
+state tends to 1/2 of ZeRO-0's, as bf16's does. Targets: at
 2 workers ZeRO-3 state <= 0.6x ZeRO-0's, and SAM step <= 2.3x plain step.
 """
 
@@ -96,6 +97,10 @@ def state_bytes(game) -> dict[str, int]:
         masters = eng.optimizer.fp32_partitioned_groups_flat
     else:
         masters = eng.optimizer.single_partition_of_fp32_groups
+    # a master that shares its partition's storage (fp32 ZeRO-3, zsaq_dist.dist.engines.share_fp32_masters) is
+    # counted once, with the parameters
+    held = {t.untyped_storage().data_ptr() for t in params}
+    masters = [t for t in masters if t.untyped_storage().data_ptr() not in held]
     moments = [t for s in base.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
     teacher = [p.ds_tensor for p in game.teacher.module.parameters()]
     return {

@@ -242,6 +242,10 @@ def test_dist_game_follows_the_trainer_on_both_levers(tmp_path, one_worker, stag
     cfg = cfg.model_copy(update={"dist": cfg.dist.model_copy(update={"zero_stage": stage})})
     ref, ref_snaps, _ = _train_with_snapshots(cfg)
     game = _dist_game(cfg)
+    if stage == 3:  # fp32: the optimizer updates the parameter partitions in place, no second fp32 copy
+        opt = game.student.optimizer
+        pairs = zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat, strict=True)
+        assert all(m.data_ptr() == p.data_ptr() for m, p in pairs)
     weights, scales = student_params(game.student.module)
     snaps = [(_snapshot(weights), _snapshot(scales))]
     losses, sam_losses, rhos, lrs = [], [], [], []

@@ -123,7 +123,33 @@ def student_engine(
     _, n = world()
     conf = ds_config(cfg, n, cfg.dist.zero_stage, cfg.method.grad_clip, universal)
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
+    share_fp32_masters(engine.optimizer)
     return engine
+
+
+def share_fp32_masters(zero3_optimizer) -> int:
+    """Let ZeRO-3 update fp32 parameters in place instead of through a second fp32 copy; returns bytes freed.
+
+    DeepSpeed means to do this itself when a partition already has the master dtype (stage3.py: "we don't
+    need another copy of the weights"), but compares ``tensor.device`` with ``self.device``, a string, which
+    is never equal, so fp32 training keeps a redundant fp32 master partition (deepspeed 0.19.8, CPU and
+    GPU alike). Pointing each master at its parameter partition's storage is that intended state: the
+    optimizer writes the parameters directly and DeepSpeed's copy back becomes a self-copy. Other stages
+    and dtypes are left as they are.
+    """
+    masters = getattr(zero3_optimizer, "fp32_partitioned_groups_flat", None)
+    params = getattr(zero3_optimizer, "fp16_partitioned_groups_flat", None)
+    if not masters or not params or len(masters) != len(params):
+        return 0
+    freed = 0
+    for master, param in zip(masters, params, strict=True):
+        same = master.dtype == param.dtype and master.device == param.device and master.shape == param.shape
+        if same and master.data_ptr() != param.data_ptr():
+            if not torch.equal(master, param):  # a fresh engine's masters are clones of the partitions
+                raise RuntimeError("ZeRO-3 fp32 master partition differs from its parameter partition")
+            freed += master.numel() * master.element_size()
+            master.data = param.data
+    return freed
 
 
 def teacher_engine(teacher: nn.Module, cfg: Config):
