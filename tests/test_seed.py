@@ -72,6 +72,9 @@ def test_cache_is_reused_and_keyed(model, full, tmp_path, monkeypatch):
     }
     assert len(keys) == 5
     assert cache_key(fp, cfg.model_copy(update={"cache_dir": "/elsewhere"}), 12, 3) == cache_key(fp, cfg, 12, 3)
+    # a change of the generation code that changes its output bumps GENERATOR_VERSION, and so every key
+    monkeypatch.setattr(seed_mod, "GENERATOR_VERSION", seed_mod.GENERATOR_VERSION + 1)
+    assert cache_key(fp, cfg, 12, 3) not in keys
 
 
 def test_fingerprint_refuses_a_partitioned_embedding():

@@ -28,6 +28,10 @@ from torch import nn
 from zsaq_dist.config import SeedDataCfg
 
 GEN_BATCH = 8  # sequences per forward; part of the numerics, so fixed (aligned chunks)
+# Part of every cache key: bump it whenever a change of this module changes the sequences it writes for
+# the same settings, so no cache written by the old code is read as the new code's output.
+# 2: sampling batched on the model's device (2026-11-22); version 1 caches had no version in their key.
+GENERATOR_VERSION = 2
 
 
 def sample_seed(*keys: int) -> int:
@@ -162,6 +166,7 @@ def generate_seed_tokens(
 def cache_key(model_id: str, cfg: SeedDataCfg, seq_len: int, seed: int) -> str:
     """Hash of everything that changes the seed set (not where it is cached)."""
     d = {"model": model_id, "cfg": cfg.model_dump(exclude={"cache_dir"}), "seq_len": seq_len, "seed": seed}
+    d["generator_version"] = GENERATOR_VERSION
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
