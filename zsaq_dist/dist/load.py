@@ -120,6 +120,7 @@ def small_heap() -> Iterator[None]:
     finally:
         if ok:
             libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+        release_free_memory()
 
 
 def _load(cfg: Config, stage: int | None) -> tuple[nn.Module, Any]:
