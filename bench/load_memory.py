@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import statistics
 import sys
 import tempfile
@@ -190,7 +189,7 @@ def main() -> None:
     import ray
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from scale import model_path, smollm2_shape_model
+    from scale import model_path, smollm2_shape_model, write_result
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with tempfile.TemporaryDirectory(prefix="zsaq-load-") as tmp:
@@ -210,19 +209,7 @@ def main() -> None:
         finally:
             ray.shutdown()
     table = summarize(rows)
-    result = {
-        "model": what,
-        "device": "cpu (gloo)",
-        "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": shlex.join(["python", "bench/load_memory.py", *sys.argv[1:]]),
-        "args": vars(args),
-        "rows": rows,
-        "per_config": table,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(args, "bench/load_memory.py", what, rows, {"per_config": table})
     plot(table, out.with_suffix(".png"))
     for k, v in table.items():
         keys = ("load_peak_anon_mb_max", "load_peak_rss_mb_max", "rss_anon_mb_max", "resident_numel_max", "load_s_max")

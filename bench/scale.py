@@ -239,6 +239,24 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write_result(args: argparse.Namespace, script: str, model: str, rows: list[dict], extra: dict) -> Path:
+    """Write ``args.out``: provenance (model, machine, date, command, args), the per-rank rows and ``extra``."""
+    result = {
+        "model": model,
+        "device": "cpu (gloo)",
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": shlex.join(["python", script, *sys.argv[1:]]),
+        "args": vars(args),
+        "rows": rows,
+        **extra,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3])
@@ -268,19 +286,7 @@ def main() -> None:
         finally:
             ray.shutdown()
     summary = summarize(rows)
-    result = {
-        "model": what,
-        "device": "cpu (gloo)",
-        "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": shlex.join(["python", "bench/scale.py", *sys.argv[1:]]),
-        "args": vars(args),
-        "rows": rows,
-    }
-    result.update(summary)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(args, "bench/scale.py", what, rows, summary)
     plot(summary, out.with_suffix(".png"))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_config"}, indent=2))
 

@@ -30,10 +30,14 @@ def device_for(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
+def learnable_scales(cfg: Config) -> bool:
+    """Scales are trained when the config asks and the method trains at all (not ``rtn``)."""
+    return cfg.method.learnable_scales and cfg.method.name != "rtn"
+
+
 def build_student(teacher: nn.Module, cfg: Config) -> nn.Module:
     """A fake-quantized copy of ``teacher`` (RTN-initialised); scales learnable when a trained method asks."""
-    m = cfg.method
-    return make_student(teacher, cfg.quant, m.learnable_scales and m.name != "rtn", m.recompute_fake_quant)
+    return make_student(teacher, cfg.quant, learnable_scales(cfg), cfg.method.recompute_fake_quant)
 
 
 def load_teacher(cfg: Config, device: torch.device) -> tuple[nn.Module, Any]:

@@ -10,7 +10,6 @@ replicated; every rank applies the same averaged gradient.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist

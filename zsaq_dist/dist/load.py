@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from zsaq_dist import job
@@ -159,15 +158,15 @@ def load_teacher(cfg: Config) -> tuple[nn.Module, Any]:
 
 def build_student(cfg: Config, teacher: nn.Module) -> nn.Module:
     """The student: loaded partitioned at ZeRO-3, else whole (a copy of a whole teacher, or loaded again)."""
-    m = cfg.method
-    learnable = m.learnable_scales and m.name != "rtn"
     if not any(is_partitioned(p) for p in teacher.parameters()):
         return job.build_student(teacher, cfg)
     stage = cfg.dist.zero_stage
     model, _ = _load(cfg, stage)
     gather = (lambda p: gathered([p])) if stage == 3 else None
     with small_heap() if stage == 3 else contextlib.nullcontext():
-        student = to_student(freeze(model), cfg.quant, learnable, m.recompute_fake_quant, gather=gather)
+        student = to_student(
+            freeze(model), cfg.quant, job.learnable_scales(cfg), cfg.method.recompute_fake_quant, gather=gather
+        )
     release_free_memory()
     return student
 
