@@ -56,6 +56,8 @@ ROWS = {
     "zsaq mse": ["method.name=zsaq", "quant.weights.observer=mse"],
     "zsaq rho->0": ["method.name=zsaq", "method.rho_final=0"],
     "zsaq scales-first": ["method.name=zsaq", "method.scales_only_steps=STEPS/4", "method.scale_lr=1e-5"],
+    # SAM's perturbation after the quantizer, Q(w) + e (SAQ), instead of on the latent weights
+    "zsaq sam=quantized": ["method.name=zsaq", "method.sam_space=quantized"],
 }
 DEFAULT_ROWS = ["rtn", "noise", "self_sample", "zsaq", "zsaq rho=0", "zsaq ascent=false"]
 
@@ -108,14 +110,16 @@ def run_row(setting: str, row: str, teacher: str, fp_ppl: float, args: argparse.
     print(f"[{setting}] {row} ...", flush=True)
     secs, rss, _ = _run(cmd, WORK / f"{args.tag}{tag}.log")
     ev = _eval(str(out), teacher, args, WORK / f"{args.tag}{tag}-eval.log")
-    q = json.loads((out / "zsaq_report.json").read_text())["config"]["quant"]
+    config = json.loads((out / "zsaq_report.json").read_text())["config"]
+    q, m = config["quant"], config["method"]
     print(f"[{setting}] {row}: ppl {ev['ppl']:.3f} (+{ev['ppl'] - fp_ppl:.3f})  kl {ev['kl']:.4f}  "
           f"top1 {ev['top1']:.4f}  {secs:.0f} s", flush=True)
     return {"setting": setting, "method": row, "bits": q["weights"]["bits"], "group_size": q["weights"]["group_size"],
             "symmetric": q["weights"]["symmetric"], "act_bits": (q["activations"] or {}).get("bits"),
             "data": "none" if row.startswith("rtn") else "self-generated (zero-shot)",
             "ppl": ev["ppl"], "dppl": ev["ppl"] - fp_ppl, "kl": ev["kl"], "top1": ev["top1"],
-            "seconds": round(secs, 1), "peak_rss_mb": round(rss, 1)}
+            "seconds": round(secs, 1), "peak_rss_mb": round(rss, 1),
+            "sam_space": m.get("sam_space") if m["name"] != "rtn" and m.get("rho", 0) > 0 else None}
 
 
 def main() -> None:
@@ -131,6 +135,7 @@ def main() -> None:
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--tag", default="", help="suffix of the result files, e.g. gpu")
+    p.add_argument("--results", default=str(RESULTS), help="folder of the result files (default: %(default)s)")
     p.add_argument("--set", action="append", help="extra override for every trained row")
     p.add_argument("--quick", action="store_true", help="smoke budget: 1 setting, 8 steps, 2048 eval tokens")
     p.add_argument("--jobs", type=int, default=1, help="rows run concurrently (a GPU has room for several)")
@@ -143,7 +148,8 @@ def main() -> None:
 
     teacher = str(fetch_demo_model())
     WORK.mkdir(parents=True, exist_ok=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
     name = "quality" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
     command = shlex.join(["python", "bench/quality.py", *sys.argv[1:]])
     fp = _eval(teacher, teacher, args, WORK / "eval-fp.log")
@@ -169,9 +175,9 @@ def main() -> None:
                 rows.append(rec)
                 rows.sort(key=lambda r: (list(SETTINGS).index(r["setting"]) if r["setting"] in SETTINGS else -1,
                                          list(ROWS).index(r["method"]) if r["method"] in ROWS else -1))
-                (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / f"{name}.png")
-    print(f"wrote {RESULTS / name}.json and .png")
+                (results / f"{name}.json").write_text(json.dumps(result, indent=2))
+    plot(result, results / f"{name}.png")
+    print(f"wrote {results / name}.json and .png")
 
 
 def plot(result: dict, path: Path) -> None:

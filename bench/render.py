@@ -6,7 +6,7 @@ Reads ``quality*.json`` (bench/quality.py, which draws its own PNG) and
 ``peers*.json`` (bench/peers.py, whose PNG is drawn here); each holds
 ``machine``, ``date``, ``command`` and ``rows`` with the keys of
 :data:`COLUMNS` (plus optional ``setting`` and ``act_bits`` columns and a last ``threads`` column, shown when
-a table has them). Missing values print as "-".
+a table has them: torch threads a row ran with; bench/seeds.py's Δppl per seed). Missing values print as "-".
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 TABLES = {"quality": "Quality: zsaq_dist methods", "peers": "Peers: HQQ, GPTQ, AWQ side by side"}
 OPTIONAL = {"setting": "setting", "act_bits": "act bits"}  # shown only when some row has a value
-TRAILING = {"threads": "threads"}  # likewise, after the fixed columns (torch threads the row ran with)
+TRAILING = {"threads": "threads", "per_seed": "Δppl per seed"}  # likewise, after the fixed columns
 COLUMNS = ("method", "bits", "group_size", "symmetric", "data", "ppl", "dppl", "kl", "top1", "seconds", "peak_rss_mb")
 HEADERS = ("method", "bits", "group", "sym", "data", "ppl", "Δppl", "KL", "top-1", "time (s)", "peak RSS (MB)")
 

@@ -149,3 +149,35 @@ def test_readme_section_is_rewritten_between_markers_with_ratios(render, tmp_pat
     assert "old" not in text and text.startswith("intro") and text.rstrip().endswith("tail")
     assert "zsaq +10.00 (0.25x)" in text  # (20 - 10) / (50 - 10)
     assert "+5.00 = 0.25x RTN sym (+20.00)" in text
+
+
+def _quality_run(path: Path, seed: int | None, rows: list[dict]) -> Path:
+    cmd = "python bench/quality.py --steps 40" + (f" --set method.seed={seed}" if seed is not None else "")
+    result = {"machine": "m", "date": f"2026-11-2{seed or 0}", "command": cmd, "budget": {"steps": 40}, "rows": rows}
+    path.write_text(json.dumps(result))
+    return path
+
+
+def test_seeds_summarises_runs_per_method_with_where_sam_perturbed(tmp_path):
+    seeds = _load("seeds")
+    fp = {"setting": "fp", "method": "fp", "dppl": 0.0}
+
+    def row(method, dppl, **extra):
+        r = {**_row(method, 4, False, "self-generated (zero-shot)", 10.0 + dppl, 0.2, 0.77), "setting": "w4g64-asym"}
+        return {**r, **extra}
+
+    old0 = _quality_run(tmp_path / "a0.json", None, [fp, row("zsaq", 3.4), row("zsaq rho=0", 3.3)])
+    old1 = _quality_run(tmp_path / "a1.json", 1, [fp, row("zsaq", 3.2), row("zsaq rho=0", 3.3)])
+    new0 = _quality_run(tmp_path / "b0.json", 0, [fp, row("zsaq sam=quantized", 3.1)])
+    new1 = _quality_run(tmp_path / "b1.json", 1, [fp, row("zsaq", 3.0, sam_space="quantized")])
+    out = seeds.summarise([old0, old1, new0, new1], {old0, old1}, "quantized")
+    by = {r["method"]: r for r in out["rows"]}
+    assert set(by) == {"zsaq, SAM latent", "zsaq rho=0", "zsaq, SAM quantized"}
+    assert by["zsaq, SAM latent"]["seeds"] == {"0": pytest.approx(3.4), "1": pytest.approx(3.2)}
+    assert by["zsaq, SAM quantized"]["dppl"] == pytest.approx(3.05)
+    assert by["zsaq rho=0"]["per_seed"] == "0: +3.300 / 1: +3.300"
+    pair = next(p for p in out["paired"] if {p["a"], p["b"]} == {"zsaq, SAM quantized", "zsaq rho=0"})
+    sign = 1 if pair["a"] == "zsaq, SAM quantized" else -1
+    assert sign * pair["mean_a_minus_b"] == pytest.approx(-0.25) and pair["seeds"] == 2
+    with pytest.raises(SystemExit, match="appears twice"):
+        seeds.summarise([old0, old0], set(), "quantized")

@@ -1,4 +1,5 @@
-"""Levers for quality per step: the SAM radius schedule (``rho_final``) and the scales-only warm phase.
+"""Levers for quality per step: the SAM radius schedule (``rho_final``), the scales-only warm phase,
+and where SAM perturbs (``sam_space``: the latent weights, or after the quantizer).
 
 Both paths run them: the single-process trainer (``minimax.trainer``) and the DeepSpeed game
 (``dist.game.DistGame``) in this process as one gloo worker.
@@ -6,6 +7,7 @@ Both paths run them: the single-process trainer (``minimax.trainer``) and the De
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -14,9 +16,18 @@ from conftest import free_ports, make_tiny_llama
 
 from zsaq_dist.config import QuantCfg, validate
 from zsaq_dist.errors import ConfigError
+from zsaq_dist.minimax.step import (
+    on_quantized_weights,
+    sam_student_step,
+    student_loss,
+    teacher_targets,
+    torch_mechanics,
+)
 from zsaq_dist.minimax.student import make_optimizer, make_student, make_student_scheduler, student_params
 from zsaq_dist.minimax.trainer import train
+from zsaq_dist.optim.sam import EPS, global_norm
 from zsaq_dist.optim.schedule import delayed_lr_factor, lr_factor, make_scheduler, rho_at
+from zsaq_dist.quant import quant_modules
 
 QUANT = QuantCfg.model_validate({"weights": {"bits": 3, "group_size": 16}})
 
@@ -141,6 +152,8 @@ def _cfg_method(**kw):
         ({"scales_only_steps": 4}, "scales_only_steps < steps"),
         ({"scales_only_steps": -1}, "greater than or equal to 0"),
         ({"rho_final": -0.1}, "greater than or equal to 0"),
+        ({"sam_space": "quantized", "adaptive_sam": True}, "adaptive_sam: false or sam_space: latent"),
+        ({"sam_space": "weights"}, "'quantized' or 'latent'"),
     ],
 )
 def test_config_levers_are_validated(tmp_path, method, msg):
@@ -150,7 +163,7 @@ def test_config_levers_are_validated(tmp_path, method, msg):
 
 def test_config_levers_defaults_and_accepted_values(tmp_path):
     m = _cfg(tmp_path).method
-    assert m.rho_final is None and m.scales_only_steps == 0
+    assert m.rho_final is None and m.scales_only_steps == 0 and m.sam_space == "quantized"
     m = _cfg(tmp_path, scales_only_steps=3, rho_final=0.0).method
     assert m.scales_only_steps == 3 and m.rho_final == 0.0
 
@@ -197,6 +210,82 @@ def test_trainer_scales_only_steps_freeze_the_weights_then_train_both(tmp_path):
 def test_trainer_without_warm_phase_moves_weights_at_step_zero(tmp_path):
     _, snaps, _ = _train_with_snapshots(_cfg(tmp_path))
     assert not _same(snaps[1][0], snaps[0][0])
+
+
+# --- SAM after the quantizer (sam_space: quantized) -----------------------------------------------
+
+
+def _one_sam_step(student, x, target, m, rho, lr, space):
+    weights, _ = student_params(student)
+    opt = torch.optim.SGD(weights, lr=lr)
+    mech = torch_mechanics(opt, weights)
+    if space == "quantized":
+        mech = on_quantized_weights(mech, [q for _, q in quant_modules(student)])
+    return sam_student_step(lambda: student_loss(student, x, target, m), mech, rho)
+
+
+def test_sam_on_quantized_weights_steps_with_the_gradient_at_q_of_w_plus_e():
+    """By hand: g at Q(w); e = rho g / ||g||; g' at Q(w) + e (rounding of w kept); w - lr g'. Bit for bit."""
+    m, rho, lr = _cfg_method(), 0.05, 0.1
+    teacher = make_tiny_llama(hidden=32)
+    student = make_student(teacher, QUANT)
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, 32)
+    target = teacher_targets(teacher, x, m)
+
+    ref = copy.deepcopy(student)
+    weights, _ = student_params(ref)
+    mods = [q for _, q in quant_modules(ref)]
+    loss, _ = student_loss(ref, x, target, m)
+    loss.backward()
+    g = [p.grad for p in weights]
+    scale = rho / (global_norm(weights, g) + EPS)
+    for q, gi in zip(mods, g, strict=True):
+        q.sam_delta = gi.float() * scale
+        q.weight.grad = None
+    loss_adv, _ = student_loss(ref, x, target, m)
+    loss_adv.backward()
+    with torch.no_grad():
+        expected = [p - lr * p.grad for p in weights]
+
+    latent = copy.deepcopy(student)
+    metrics = _one_sam_step(student, x, target, m, rho, lr, "quantized")
+    assert metrics["sam_loss"] == float(loss_adv) and metrics["loss"] == float(loss)
+    assert all(q.sam_delta is None for _, q in quant_modules(student))  # released: the forward is Q(w) again
+    assert _same([p.detach() for p in student_params(student)[0]], expected)
+    # the latent perturbation lands elsewhere: Q(w + e) re-rounds, so this test can tell the two apart
+    _one_sam_step(latent, x, target, m, rho, lr, "latent")
+    assert not _same(_snapshot(student_params(latent)[0]), expected)
+
+
+def test_sam_on_quantized_weights_shares_one_delta_per_tied_weight():
+    student = make_student(make_tiny_llama(hidden=32), QUANT)
+    a, b = [q for _, q in quant_modules(student)][:2]
+    b.weight = a.weight  # two modules, one weight (tied)
+    opt = torch.optim.SGD([a.weight], lr=0.1)
+    mech = on_quantized_weights(torch_mechanics(opt, [a.weight]), [a, b])
+    a.weight.grad = torch.ones_like(a.weight)
+    deltas, grads = mech.tensors_and_grads()
+    assert len(deltas) == 1 and a.sam_delta is b.sam_delta is deltas[0] and grads[0] is a.weight.grad
+    assert not mech.keep_copy  # the deltas are dropped after the second pass, not restored
+    mech.release()
+    assert a.sam_delta is None and b.sam_delta is None
+
+
+def test_trainer_sam_space_quantized_at_rho_zero_is_the_plain_optimizer(tmp_path):
+    h_lat, s_lat, _ = _train_with_snapshots(_cfg(tmp_path, rho=0.0, sam_space="latent"))
+    h_q, s_q, _ = _train_with_snapshots(_cfg(tmp_path, rho=0.0, sam_space="quantized"))
+    assert h_lat["loss"] == h_q["loss"] and _same(s_lat[-1][0], s_q[-1][0]) and _same(s_lat[-1][1], s_q[-1][1])
+
+
+def test_trainer_sam_space_quantized_trains_and_differs_from_latent(tmp_path):
+    h_lat, s_lat, _ = _train_with_snapshots(_cfg(tmp_path, sam_space="latent"))
+    h_q, s_q, student = _train_with_snapshots(_cfg(tmp_path, sam_space="quantized"))
+    assert h_q["loss"][0] == h_lat["loss"][0]  # same start; the perturbations differ from there
+    assert h_q["sam_loss"][0] != h_lat["sam_loss"][0]
+    assert all(v is not None and math.isfinite(v) for v in h_q["sam_loss"])
+    assert not _same(s_q[-1][0], s_lat[-1][0])
+    assert all(q.sam_delta is None for _, q in quant_modules(student))
 
 
 # --- DeepSpeed game, one gloo worker in this process --------------------------------------------
@@ -268,3 +357,20 @@ def test_dist_game_follows_the_trainer_on_both_levers(tmp_path, one_worker, stag
     torch.testing.assert_close(torch.tensor(sam_losses), torch.tensor(ref["sam_loss"]), atol=1e-4, rtol=0)
     final = [t.flatten() for t in snaps[-1][1]]
     torch.testing.assert_close(torch.cat(final), torch.cat([t.flatten() for t in ref_snaps[-1][1]]), atol=1e-6, rtol=0)
+
+
+def test_dist_game_zero0_follows_the_trainer_with_sam_on_quantized_weights(tmp_path, one_worker):
+    cfg = _cfg(tmp_path, sam_space="quantized")
+    ref, ref_snaps, _ = _train_with_snapshots(cfg)
+    game = _dist_game(cfg)
+    weights, _ = student_params(game.student.module)
+    losses, sam_losses = [], []
+    for step in range(cfg.method.steps):
+        metrics, _, _ = game.step(step)
+        losses.append(metrics["loss"])
+        sam_losses.append(metrics["sam_loss"])
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref["loss"]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(sam_losses), torch.tensor(ref["sam_loss"]), atol=1e-4, rtol=0)
+    final = torch.cat([t.flatten() for t in _snapshot(weights)])  # DeepSpeed's AdamW: the tests/test_dist.py bound
+    torch.testing.assert_close(final, torch.cat([t.flatten() for t in ref_snaps[-1][0]]), atol=1e-5, rtol=0)
+    assert all(q.sam_delta is None for _, q in quant_modules(game.student.module))

@@ -229,7 +229,7 @@ def test_seeded_runs_reproduce_exactly(tmp_path):
         ({"name": "noise"}, "noise", 0),
         ({"ascent": False}, "adversarial", 0),
         ({"generator": {"student_steps_per_generator_step": 2}}, "adversarial", 2),
-        ({"lambda_hidden": 0.5, "learnable_scales": False, "adaptive_sam": True, "rho": 0.5}, "adversarial", 3),
+        ({"lambda_hidden": 0.5, "learnable_scales": False, "adaptive_sam": True, "sam_space": "latent", "rho": 0.5}, "adversarial", 3),
     ],
 )
 def test_modes_train(tmp_path, method, mode, gen_steps):

@@ -107,6 +107,17 @@ def test_perturbation_has_norm_rho_and_skips_gradless():
     torch.testing.assert_close(torch.tensor(state.norm), torch.cat([ps[0].grad, ps[1].grad]).norm())
 
 
+def test_perturb_without_a_copy_moves_the_same_and_restore_leaves_it():
+    a, b = torch.zeros(4), torch.zeros(4)
+    g = torch.arange(4.0)
+    kept = perturb_tensors([a], [g], rho=0.5)
+    free = perturb_tensors([b], [g], rho=0.5, keep=False)
+    assert torch.equal(a, b) and free.norm == kept.norm and not free.saved and not free.tensors
+    restore(free)
+    restore(kept)
+    assert torch.equal(a, torch.zeros(4)) and not torch.equal(b, torch.zeros(4))
+
+
 def test_partitions_give_the_full_norm_and_perturbation():
     """Perturbing flat partitions (as ZeRO-3's ds_tensor) with their grad slices equals perturbing the whole."""
     g = torch.Generator().manual_seed(3)

@@ -145,6 +145,11 @@ class MethodCfg(_Strict):
         None, ge=0.0, description="SAM radius at the last step (cosine decay from rho); null = constant rho"
     )
     adaptive_sam: bool = Field(False, description="ASAM: perturbation scaled by abs(w)")
+    sam_space: Literal["quantized", "latent"] = Field(
+        "quantized",
+        description="where SAM perturbs: quantized = added after fake quantization, Q(w) + e (SAQ); latent = the "
+        "trained full-precision weights, Q(w + e), whose rounding the perturbation can flip",
+    )
     ascent: bool = Field(True, description="false freezes the generator (ablation)")
     tau: float = Field(1.0, gt=0.0, description="distillation temperature (loss scaled by tau^2)")
     lambda_hidden: float = Field(0.0, ge=0.0, description="weight of the hidden-state MSE")
@@ -175,6 +180,15 @@ class MethodCfg(_Strict):
             raise ValueError(
                 f"scales_only_steps={k} leaves no step for the weights (steps={self.steps}): "
                 f"use scales_only_steps < steps, or scales_only_steps: 0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _sam_space(self) -> MethodCfg:
+        if self.sam_space == "quantized" and self.adaptive_sam:
+            raise ValueError(
+                "adaptive_sam scales the perturbation by abs(w) of the latent weights; with sam_space: quantized "
+                "the perturbation lives after the quantizer: set adaptive_sam: false or sam_space: latent"
             )
         return self
 

@@ -29,6 +29,7 @@ from zsaq_dist.minimax.step import (
 from zsaq_dist.minimax.student import make_optimizer, make_student_scheduler, student_params
 from zsaq_dist.minimax.trainer import Inputs, batch_indices, generator_optimizer
 from zsaq_dist.optim.schedule import rho_at
+from zsaq_dist.quant import quant_modules
 
 
 def _is_engine(model) -> bool:
@@ -82,7 +83,11 @@ class DistGame:
         sched = make_student_scheduler(opt, m)  # per-group lr: DeepSpeed steps it (scales_only_steps)
         self.student = student_engine(student, opt, sched, cfg, universal)
         self.teacher = teacher if _is_engine(teacher) else teacher_engine(teacher, cfg)
-        self.mech = dsam.mechanics(self.student, weights)  # SAM moves the weights only, as the trainer does
+        # SAM moves the weights only, as the trainer does: the latent ones, or after the quantizer
+        if m.sam_space == "quantized":
+            self.mech = dsam.quantized_mechanics(self.student, weights, [q for _, q in quant_modules(student)])
+        else:
+            self.mech = dsam.mechanics(self.student, weights)
         self.every = m.generator.student_steps_per_generator_step
         self.ascent = inp.generator is not None and m.ascent
         self.g_opt = self.g_sched = None

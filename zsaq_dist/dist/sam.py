@@ -16,6 +16,10 @@ partition belongs to this rank (checked against deepspeed 0.19.8 on CPU):
 
 With ``||g||`` the norm over all ranks (an all-reduce of partition sums of
 squares), a 2-rank run matches a single-process SAM reference.
+
+:func:`quantized_mechanics` (``method.sam_space: quantized``) perturbs after the
+quantizer instead: each rank moves a zero *delta* laid out like its partition,
+and the forward adds the whole delta to ``Q(w)``; the latent weights never move.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.utils import all_gather_dp_groups
 from deepspeed.utils import safe_get_local_grad
+from torch import nn
 
-from zsaq_dist.minimax.step import StepMechanics
+from zsaq_dist.minimax.step import StepMechanics, modules_by_weight
 from zsaq_dist.optim.sam import global_norm
 
 
@@ -117,6 +122,88 @@ def mechanics(engine, sam_params: list[torch.nn.Parameter]) -> StepMechanics:
 
     return StepMechanics(
         backward=engine.backward, zero_grad=zero_grad, tensors_and_grads=tensors_and_grads, optimizer_step=engine.step
+    )
+
+
+def _gathered(part: torch.Tensor, p: torch.nn.Parameter):
+    """ZeRO-3: a callable giving ``p``'s whole delta from every rank's ``part`` (laid out like ``ds_tensor``)."""
+
+    def whole() -> torch.Tensor:
+        g = p.ds_process_group
+        out = torch.empty(part.numel() * dist.get_world_size(g), dtype=part.dtype, device=part.device)
+        dist.all_gather_single(out, part, group=g)
+        return out.narrow(0, 0, p.ds_numel).view(p.ds_shape)
+
+    return whole
+
+
+def quantized_mechanics(engine, sam_params: list[torch.nn.Parameter], modules: list[nn.Module]) -> StepMechanics:
+    """:func:`mechanics` with SAM's perturbation added after the quantizer of ``modules`` (QuantLinear).
+
+    The single-process rule is :func:`zsaq_dist.minimax.step.on_quantized_weights`; per stage:
+
+    - stage 0: gradients are replicated, so each rank builds the whole delta itself;
+    - stage 1/2: each rank fills its fragment of one flat zero buffer holding every weight's delta,
+      and one SUM all-reduce assembles it (each element belongs to exactly one rank);
+    - stage 3: the delta stays partitioned like ``ds_tensor``; each QuantLinear's forward gathers
+      its layer's delta (``sam_delta`` is then a callable) and drops it after, so no rank holds
+      more than one layer's delta whole.
+
+    The latent weights never move: ``zero_grad`` re-gathers nothing, no copy is kept, and
+    ``release`` drops the deltas after the second pass.
+    """
+    stage = engine.zero_optimization_stage()
+    by_weight = modules_by_weight(modules)
+    flat: list[torch.Tensor] = []  # stage 1/2: the buffer to all-reduce before the second pass
+
+    def attach(p: torch.nn.Parameter, delta) -> None:
+        for m in by_weight.get(id(p), []):
+            m.sam_delta = delta
+
+    def tensors_and_grads():
+        if stage == 3:
+            parts = [torch.zeros_like(p.ds_tensor) for p in sam_params]
+            for p, part in zip(sam_params, parts, strict=True):
+                attach(p, _gathered(part, p))
+            return parts, [safe_get_local_grad(p) for p in sam_params]
+        if stage in (1, 2):
+            first = sam_params[0]
+            buf = torch.zeros(sum(p.numel() for p in sam_params), dtype=first.dtype, device=first.device)
+            flat.append(buf)
+            tensors, grads, offset = [], [], 0
+            for p in sam_params:
+                whole = buf.narrow(0, offset, p.numel())
+                attach(p, whole.view(p.shape))
+                if getattr(p, "_hp_mapping", None) is not None:
+                    addr = p._hp_mapping.lp_fragment_address
+                    tensors.append(whole.narrow(0, addr.start, addr.numel))
+                    grads.append(_fragment_grad(p))
+                offset += p.numel()
+            return tensors, grads
+        deltas = [torch.zeros_like(p) for p in sam_params]
+        for p, d in zip(sam_params, deltas, strict=True):
+            attach(p, d)
+        return deltas, [p.grad for p in sam_params]
+
+    def zero_grad():
+        if flat:
+            dist.all_reduce(flat[0], op=dist.ReduceOp.SUM, group=group(engine))
+        engine.optimizer.zero_grad()
+        _clear_reduced_grads(engine)
+
+    def release():
+        flat.clear()
+        for mods in by_weight.values():
+            for m in mods:
+                m.sam_delta = None
+
+    return StepMechanics(
+        backward=engine.backward,
+        zero_grad=zero_grad,
+        tensors_and_grads=tensors_and_grads,
+        optimizer_step=engine.step,
+        release=release,
+        keep_copy=False,
     )
 
 

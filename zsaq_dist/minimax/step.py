@@ -14,11 +14,14 @@ Mechanics (how gradients are taken and applied), passed in as callables:
     ``safe_get_local_grad(p)``, ``engine.step``) and passes its process group for the norm.
   * :func:`sam_student_step` runs SAM with them:
         loss_fn() -> backward -> perturb(rho, group) -> zero_grad -> loss_fn() -> backward
-        -> restore (bit-exact) -> optimizer_step
+        -> restore (bit-exact) -> [release] -> optimizer_step
     With ``rho == 0`` the second pass is skipped: exactly the plain optimizer step.
-    The trainer lets SAM perturb the quantized *weights* only: learnable scales are ~100x
-    smaller than the weights yet carry a comparable share of ``||g||``, so one shared radius
-    would move them by several percent; they still take the SAM gradient ``g'``.
+    The trainer lets SAM perturb the *weights* of the quantized layers only, not their scales:
+    learnable scales are ~100x smaller than the weights yet carry a comparable share of
+    ``||g||``, so one shared radius would move them by several percent; they still take the
+    SAM gradient ``g'``. By default (``method.sam_space: quantized``) the perturbation is
+    added after the quantizer, ``Q(w) + e`` (:func:`on_quantized_weights`, SAQ); with
+    ``latent`` it moves ``w`` itself and the second pass sees ``Q(w + e)``.
   * :func:`generator_ascent_step` backpropagates ``J`` into the generator's parameters only
     (``backward(inputs=...)``: the student and teacher get no gradient) and steps an
     optimizer built with ``maximize=True`` (gradient *ascent*).
@@ -26,8 +29,8 @@ Mechanics (how gradients are taken and applied), passed in as callables:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -86,6 +89,51 @@ class StepMechanics:
     zero_grad: Callable[[], None]
     tensors_and_grads: Callable[[], tuple[list[torch.Tensor], list[torch.Tensor | None]]]
     optimizer_step: Callable[[], None]
+    release: Callable[[], None] | None = None  # after the restore: drop what tensors_and_grads made
+    keep_copy: bool = True  # False: the perturbed tensors are released, not restored (no copy kept)
+
+
+def modules_by_weight(modules: Sequence[nn.Module]) -> dict[int, list[nn.Module]]:
+    """``modules`` grouped by the identity of their ``weight`` (tied layers share one group)."""
+    by_weight: dict[int, list[nn.Module]] = {}
+    for m in modules:
+        by_weight.setdefault(id(m.weight), []).append(m)
+    return by_weight
+
+
+def on_quantized_weights(mech: StepMechanics, modules: Sequence[nn.Module]) -> StepMechanics:
+    """``mech`` with SAM's perturbation added to the *quantized* weights of ``modules`` (QuantLinear).
+
+    SAQ (Liu, Cai, Zhuang, "Sharpness-aware Quantization for Deep Neural Networks"): a
+    perturbation ``e`` of the latent weight ``w`` moves the student to ``Q(w + e)``, which flips
+    the rounding of every entry that ``e`` pushes over a grid midpoint, so the second pass sees
+    a jump of the quantizer rather than the loss's sharpness. Here the second pass sees
+    ``Q(w) + e`` instead (each module's ``sam_delta``), with ``e = rho * g / ||g||`` from the
+    same gradient ``g`` (the weights' straight-through gradient). Its gradient still reaches
+    ``w`` through the STE; ``release`` clears the deltas after the second pass (they are dropped,
+    so SAM keeps no copy of them: its memory is one delta per weight, as a latent SAM's copy).
+    Modules sharing one weight share one delta. For plain torch; DeepSpeed engines use
+    :func:`zsaq_dist.dist.sam.quantized_mechanics`.
+    """
+    by_weight = modules_by_weight(modules)
+
+    def tensors_and_grads():
+        deltas, grads = [], []
+        for group in by_weight.values():
+            w = group[0].weight
+            delta = torch.zeros_like(w, requires_grad=False)
+            for m in group:
+                m.sam_delta = delta
+            deltas.append(delta)
+            grads.append(w.grad)
+        return deltas, grads
+
+    def release():
+        for group in by_weight.values():
+            for m in group:
+                m.sam_delta = None
+
+    return replace(mech, tensors_and_grads=tensors_and_grads, release=release, keep_copy=False)
 
 
 def torch_mechanics(
@@ -125,11 +173,13 @@ def sam_student_step(
     mech.backward(loss)
     if rho > 0:
         tensors, grads = mech.tensors_and_grads()
-        state = perturb_tensors(tensors, grads, rho, adaptive, group)
+        state = perturb_tensors(tensors, grads, rho, adaptive, group, keep=mech.keep_copy)
         mech.zero_grad()
         loss_adv, _ = loss_fn()
         mech.backward(loss_adv)
         restore(state)
+        if mech.release is not None:
+            mech.release()
         metrics.update(sam_loss=_item(loss_adv), grad_norm=state.norm)
     mech.optimizer_step()
     return metrics

@@ -36,6 +36,7 @@ from zsaq_dist.minimax.generator import (
 from zsaq_dist.minimax.step import (
     generator_ascent_step,
     generator_objective,
+    on_quantized_weights,
     sam_student_step,
     seed_embeddings,
     student_loss,
@@ -44,6 +45,7 @@ from zsaq_dist.minimax.step import (
 )
 from zsaq_dist.minimax.student import freeze, make_optimizer, make_student_scheduler, set_trainable, student_params
 from zsaq_dist.optim.schedule import make_scheduler, rho_at
+from zsaq_dist.quant import quant_modules
 
 
 def resolve_mode(cfg: MethodCfg) -> str:
@@ -130,6 +132,8 @@ class Game:
         self.opt = make_optimizer(weights, scales, m)
         sched = make_student_scheduler(self.opt, m)
         self.mech = torch_mechanics(self.opt, weights, m.grad_clip, sched)
+        if m.sam_space == "quantized":
+            self.mech = on_quantized_weights(self.mech, [q for _, q in quant_modules(student)])
         self.every = m.generator.student_steps_per_generator_step
         self.ascent = inp.generator is not None and m.ascent
         if self.ascent:

@@ -82,18 +82,22 @@ def perturb_tensors(
     rho: float,
     adaptive: bool = False,
     group: dist.ProcessGroup | None = None,
+    keep: bool = True,
 ) -> SamState:
     """Move each tensor to ``w + e`` in place (tensors whose grad is None stay); return the restore state.
 
-    Every rank of ``group`` must call this (the norm is a collective).
+    Every rank of ``group`` must call this (the norm is a collective). ``keep=False`` keeps no copy
+    (:func:`restore` then leaves the tensors as they are): for tensors that are dropped after the
+    second pass, such as the zero deltas SAM adds after the quantizer.
     """
     pairs = _pairs(tensors, grads)
     norm = global_norm([t for t, _ in pairs], [g for _, g in pairs], adaptive, group)
     state = SamState(norm=float(norm))
     scale = rho / (norm + EPS)  # 0-d tensor: no host sync per tensor
     for t, g in pairs:
-        state.tensors.append(t)
-        state.saved.append(t.detach().clone())
+        if keep:
+            state.tensors.append(t)
+            state.saved.append(t.detach().clone())
         e = g.float() * scale.to(g.device)
         if adaptive:
             e = e * t.float().pow(2)

@@ -8,6 +8,8 @@ the quantizer state uses the compressed-tensors names ``weight_scale`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,7 +33,13 @@ class QuantLinear(nn.Linear):
             fake quantization there (``torch.utils.checkpoint``): the weight-sized
             intermediates (scaled weight, codes, dequantized weight) are not held from the
             forward to the backward. Same numbers, more compute.
+        sam_delta: None, or a weight-shaped tensor (or a callable returning one: a delta
+            gathered from ZeRO-3 partitions at each use) added *after* fake quantization: SAM's
+            perturbation of the quantized weight (``method.sam_space: quantized``), set and
+            cleared around SAM's second pass. Not a buffer: never saved or exported.
     """
+
+    sam_delta: torch.Tensor | Callable[[], torch.Tensor] | None = None
 
     def __init__(self, *args, **kwargs):  # pragma: no cover - always built by from_linear
         raise TypeError("build QuantLinear with QuantLinear.from_linear(linear, ...)")
@@ -64,7 +72,10 @@ class QuantLinear(nn.Linear):
         """Quantize-dequantized weight (O, I), differentiable through the STE."""
         if self.frozen:
             return self.weight
-        return fake_quant_weight(self.weight, self.weight_scale, self.weight_zero_point, self.bits)
+        w = fake_quant_weight(self.weight, self.weight_scale, self.weight_zero_point, self.bits)
+        if self.sam_delta is None:
+            return w
+        return w + (self.sam_delta() if callable(self.sam_delta) else self.sam_delta)
 
     @torch.no_grad()
     def int_weight(self) -> torch.Tensor:

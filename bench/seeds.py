@@ -1,0 +1,170 @@
+"""One table over seeds: ``bench/quality.py`` runs that differ only in ``method.seed``, summarised per method.
+
+    python bench/seeds.py --runs bench/results/seeds/quality_cpu-40steps-seed*.json \\
+        --latent bench/results/seeds/quality_cpu-40steps-seed?.json bench/results/seeds/quality_cpu-40steps-seed?-baselines.json \\
+        --out bench/results/quality_cpu-40steps-seeds.json
+
+Each run's seed is read from its command (``--set method.seed=S``; the recipe's seed 0 when absent).
+Rows are grouped by (setting, method) and labelled with where SAM perturbed: a row's own
+``sam_space`` (written by ``bench/quality.py`` since that option exists), else ``quantized`` for
+the ``zsaq sam=quantized`` row, else ``latent`` for the files passed to ``--latent`` (runs made
+before ``method.sam_space`` existed, when SAM always perturbed the latent weights), else the current
+default. Rows without SAM (``rho=0``, ``rtn``) carry no such label.
+
+Writes a ``quality``-style JSON (so ``bench/render.py`` shows it): one row per method with the mean
+of ``ppl``, ``dppl``, ``kl``, ``top1`` and ``seconds`` over seeds and ``per_seed`` (Δppl per seed),
+and ``paired``: for every pair of methods, the mean difference of Δppl over the seeds they share and
+how many seeds the first one wins (ties count for neither); its note lists the pairs with the default
+``zsaq`` row. A PNG next to it shows each seed's Δppl and the mean per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import statistics
+import sys
+from itertools import combinations
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MEANS = ("ppl", "dppl", "kl", "top1", "seconds")
+
+
+def seed_of(command: str) -> int:
+    """The ``method.seed`` a quality.py command set (0, the recipe's, when it set none)."""
+    m = re.search(r"method\.seed=(-?\d+)", command)
+    return int(m.group(1)) if m else 0
+
+
+def label(row: dict, latent_file: bool, default_space: str) -> str:
+    """Method name with where its SAM perturbed, e.g. ``zsaq, SAM quantized``; rows without SAM as they are."""
+    method = row["method"]
+    if method.startswith("rtn") or "rho=0" in method or method == "fp":
+        return method
+    if "sam=quantized" in method:
+        space, method = "quantized", method.replace(" sam=quantized", "")
+    else:
+        space = row.get("sam_space") or ("latent" if latent_file else default_space)
+    return f"{method}, SAM {space}"
+
+
+def summarise(runs: list[Path], latent: set[Path], default_space: str) -> dict:
+    groups: dict[tuple[str, str], dict[int, dict]] = {}
+    sources = []
+    for path in runs:
+        result = json.loads(path.read_text())
+        seed = seed_of(result["command"])
+        sources.append(
+            {
+                "file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+                "seed": seed,
+                "command": result["command"],
+                "date": result["date"],
+            }
+        )
+        for row in result["rows"]:
+            if row["method"] == "fp":
+                continue
+            key = (row["setting"], label(row, path.resolve() in latent, default_space))
+            if seed in groups.setdefault(key, {}):
+                raise SystemExit(f"{key} seed {seed} appears twice (again in {path}): pass each run once")
+            groups[key][seed] = row
+    rows = []
+    for (setting, method), by_seed in groups.items():
+        seeds = sorted(by_seed)
+        first = by_seed[seeds[0]]
+        row = {
+            "setting": setting,
+            "method": method,
+            **{k: first.get(k) for k in ("bits", "group_size", "symmetric", "data")},
+        }
+        for k in MEANS:
+            row[k] = statistics.fmean(by_seed[s][k] for s in seeds)
+        row["peak_rss_mb"] = max(by_seed[s]["peak_rss_mb"] for s in seeds)
+        row["per_seed"] = " / ".join(f"{s}: {by_seed[s]['dppl']:+.3f}" for s in seeds)
+        row["seeds"] = {str(s): by_seed[s]["dppl"] for s in seeds}
+        rows.append(row)
+    rows.sort(key=lambda r: (r["setting"], r["dppl"]))
+    paired = []
+    for a, b in combinations(rows, 2):
+        if a["setting"] != b["setting"]:
+            continue
+        shared = sorted(set(a["seeds"]) & set(b["seeds"]))
+        if not shared:
+            continue
+        diffs = [a["seeds"][s] - b["seeds"][s] for s in shared]
+        paired.append(
+            {
+                "setting": a["setting"],
+                "a": a["method"],
+                "b": b["method"],
+                "seeds": len(shared),
+                "mean_a_minus_b": statistics.fmean(diffs),
+                "a_wins": sum(d < 0 for d in diffs),
+            }
+        )
+    return {"rows": rows, "paired": paired, "sources": sources}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
+    for i, r in enumerate(rows):
+        vals = list(r["seeds"].values())
+        ax.bar(i, r["dppl"], color="tab:blue", alpha=0.35)
+        ax.scatter([i] * len(vals), vals, color="tab:blue", s=14, zorder=3)
+    ax.set_xticks(range(len(rows)), [f"{r['setting']}\n{r['method'].replace(', ', chr(10))}" for r in rows], fontsize=7)
+    lo = min(min(r["seeds"].values()) for r in rows)
+    hi = max(max(r["seeds"].values()) for r in rows)
+    ax.set_ylim(lo - 0.25 * (hi - lo + 1e-9), hi + 0.25 * (hi - lo + 1e-9))
+    ax.set_ylabel("perplexity increase over FP (dots: seeds, bar: mean)")
+    ax.set_title(f"{len(result['sources'])} runs, seeds {sorted({s['seed'] for s in result['sources']})}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", required=True, help="bench/quality.py result files")
+    p.add_argument("--latent", nargs="*", default=[], help="runs made before method.sam_space existed")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    from zsaq_dist.config import MethodCfg
+
+    runs = [Path(r).resolve() for r in args.runs]
+    result = summarise(runs, {Path(r).resolve() for r in args.latent}, MethodCfg().sam_space)
+    first = json.loads(runs[0].read_text())
+    result = {
+        "machine": first["machine"],
+        "date": max(s["date"] for s in result["sources"]),
+        "command": shlex.join(["python", "bench/seeds.py", *sys.argv[1:]]),
+        "budget": first.get("budget"),
+        **result,
+    }
+    ref = f"zsaq, SAM {MethodCfg().sam_space}"  # the default method: every other row against it
+    pairs = [q for q in result["paired"] if ref in (q["a"], q["b"])]
+    result["notes"] = [
+        f"Paired over seeds against `{ref}` (the default), in Δppl (negative: the other row is better): "
+        + "; ".join(
+            f"{q['b'] if q['a'] == ref else q['a']} {(-1 if q['a'] == ref else 1) * q['mean_a_minus_b']:+.3f} "
+            f"(better at {q['seeds'] - q['a_wins'] if q['a'] == ref else q['a_wins']} of {q['seeds']} seeds)"
+            for q in pairs
+        )
+    ]
+    out = Path(args.out)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and .png")
+
+
+if __name__ == "__main__":
+    main()
