@@ -177,27 +177,25 @@ def main() -> None:
     first = seeded[:1]  # generates and caches the seed sequences before rows run side by side
     if args.jobs > 1:  # rows side by side: split the cores instead of oversubscribing them
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.jobs)))
-    failed = []
+    failed = result["failed"] = []
 
-    def attempt(job: tuple[str, str]) -> dict | None:
+    def attempt(job: tuple[str, str]) -> dict:
         # one row failing (say, out of GPU memory beside others) is recorded and the rest still run
         try:
             return run_row(*job, teacher, fp["ppl"], args)
         except RuntimeError as exc:
             print(f"[{job[0]}] {job[1]}: FAILED\n{exc}", file=sys.stderr, flush=True)
-            failed.append({"setting": job[0], "method": job[1], "error": str(exc).splitlines()[0][-300:]})
-            result["failed"] = failed
-            (results / f"{name}.json").write_text(json.dumps(result, indent=2))
-            return None
+            return {"setting": job[0], "method": job[1], "error": str(exc).splitlines()[0][-300:]}
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for batch in (first, [j for j in jobs if j not in first]):
             for rec in pool.map(attempt, batch):
-                if rec is None:
-                    continue
-                rows.append(rec)
-                rows.sort(key=lambda r: (list(SETTINGS).index(r["setting"]) if r["setting"] in SETTINGS else -1,
-                                         list(ROWS).index(r["method"]) if r["method"] in ROWS else -1))
+                if "error" in rec:
+                    failed.append(rec)
+                else:
+                    rows.append(rec)
+                    rows.sort(key=lambda r: (list(SETTINGS).index(r["setting"]) if r["setting"] in SETTINGS else -1,
+                                             list(ROWS).index(r["method"]) if r["method"] in ROWS else -1))
                 (results / f"{name}.json").write_text(json.dumps(result, indent=2))
     plot(result, results / f"{name}.png")
     print(f"wrote {results / name}.json and .png")
