@@ -63,6 +63,7 @@ ROWS = {
     "zsaq rho=0.02": ["method.name=zsaq", "method.rho=0.02"],
     # the sharpness-aware data term GM (gradient match with a latent neighbour) in the generator's objective
     "zsaq gm": ["method.name=zsaq", "method.generator.lambda_gm=0.1"],
+    "zsaq gm=1": ["method.name=zsaq", "method.generator.lambda_gm=1.0"],
 }
 DEFAULT_ROWS = ["rtn", "noise", "self_sample", "zsaq", "zsaq rho=0", "zsaq ascent=false"]
 
