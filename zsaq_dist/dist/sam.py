@@ -30,7 +30,7 @@ from deepspeed.runtime.utils import all_gather_dp_groups
 from deepspeed.utils import safe_get_local_grad
 from torch import nn
 
-from zsaq_dist.minimax.step import StepMechanics, modules_by_weight
+from zsaq_dist.minimax.step import StepMechanics, clear_sam_deltas, modules_by_weight
 from zsaq_dist.optim.sam import global_norm
 
 
@@ -193,9 +193,7 @@ def quantized_mechanics(engine, sam_params: list[torch.nn.Parameter], modules: l
 
     def release():
         flat.clear()
-        for mods in by_weight.values():
-            for m in mods:
-                m.sam_delta = None
+        clear_sam_deltas(by_weight)
 
     return StepMechanics(
         backward=engine.backward,
@@ -203,7 +201,6 @@ def quantized_mechanics(engine, sam_params: list[torch.nn.Parameter], modules: l
         tensors_and_grads=tensors_and_grads,
         optimizer_step=engine.step,
         release=release,
-        keep_copy=False,
     )
 
 

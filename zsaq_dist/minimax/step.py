@@ -89,8 +89,12 @@ class StepMechanics:
     zero_grad: Callable[[], None]
     tensors_and_grads: Callable[[], tuple[list[torch.Tensor], list[torch.Tensor | None]]]
     optimizer_step: Callable[[], None]
-    release: Callable[[], None] | None = None  # after the restore: drop what tensors_and_grads made
-    keep_copy: bool = True  # False: the perturbed tensors are released, not restored (no copy kept)
+    release: Callable[[], None] | None = None  # after the second pass: drop what tensors_and_grads made
+
+    @property
+    def keep_copy(self) -> bool:
+        """Whether SAM saves a copy to restore: not when the perturbed tensors are released instead."""
+        return self.release is None
 
 
 def modules_by_weight(modules: Sequence[nn.Module]) -> dict[int, list[nn.Module]]:
@@ -99,6 +103,13 @@ def modules_by_weight(modules: Sequence[nn.Module]) -> dict[int, list[nn.Module]
     for m in modules:
         by_weight.setdefault(id(m.weight), []).append(m)
     return by_weight
+
+
+def clear_sam_deltas(by_weight: dict[int, list[nn.Module]]) -> None:
+    """Drop every module's ``sam_delta`` (after SAM's second pass)."""
+    for group in by_weight.values():
+        for m in group:
+            m.sam_delta = None
 
 
 def on_quantized_weights(mech: StepMechanics, modules: Sequence[nn.Module]) -> StepMechanics:
@@ -128,12 +139,7 @@ def on_quantized_weights(mech: StepMechanics, modules: Sequence[nn.Module]) -> S
             grads.append(w.grad)
         return deltas, grads
 
-    def release():
-        for group in by_weight.values():
-            for m in group:
-                m.sam_delta = None
-
-    return replace(mech, tensors_and_grads=tensors_and_grads, release=release, keep_copy=False)
+    return replace(mech, tensors_and_grads=tensors_and_grads, release=lambda: clear_sam_deltas(by_weight))
 
 
 def torch_mechanics(
