@@ -64,6 +64,16 @@ ROWS = {
     # the sharpness-aware data term GM (gradient match with a latent neighbour) in the generator's objective
     "zsaq gm": ["method.name=zsaq", "method.generator.lambda_gm=0.1"],
     "zsaq gm=1": ["method.name=zsaq", "method.generator.lambda_gm=1.0"],
+    # the student started from a checkpoint (--init-from: GPTQ run on zsaq's own seed sequences, zero real
+    # data) instead of RTN; "gptq-start" is that checkpoint itself, re-exported by a 0-step run
+    "gptq-start": ["method.name=rtn", "method.init_from=INIT"],
+    "zsaq gptq-start": ["method.name=zsaq", "method.init_from=INIT", "method.init_latent=teacher"],
+    "zsaq gptq-start center": ["method.name=zsaq", "method.init_from=INIT", "method.init_latent=center"],
+    "zsaq gptq-start nearest": ["method.name=zsaq", "method.init_from=INIT", "method.init_latent=nearest"],
+    "zsaq gptq-start rho=0": ["method.name=zsaq", "method.init_from=INIT", "method.init_latent=teacher", "method.rho=0"],
+    "zsaq gptq-start ascent=false": ["method.name=zsaq", "method.init_from=INIT", "method.init_latent=teacher",
+                                     "method.ascent=false"],
+    "self_sample gptq-start": ["method.name=self_sample", "method.init_from=INIT", "method.init_latent=teacher"],
 }
 DEFAULT_ROWS = ["rtn", "noise", "self_sample", "zsaq", "zsaq rho=0", "zsaq ascent=false"]
 
@@ -110,7 +120,8 @@ def run_row(setting: str, row: str, teacher: str, fp_ppl: float, args: argparse.
     """Quantize one (setting, method) row in a subprocess, then evaluate its reloaded checkpoint."""
     tag = f"{setting}-{row.replace(' ', '_').replace('=', '')}"
     out = WORK / (args.tag + tag)
-    row_over = [o.replace("STEPS/4", str(max(1, args.steps // 4))) for o in ROWS[row]]
+    row_over = [o.replace("STEPS/4", str(max(1, args.steps // 4))).replace("INIT", str(args.init_from))
+                for o in ROWS[row]]
     over = SETTINGS[setting] + row_over + budget_overrides(args) + [f"output.dir={out}"]
     cmd = [sys.executable, "-m", "zsaq_dist.cli", "quantize", args.recipe] + sum((["--set", o] for o in over), [])
     print(f"[{setting}] {row} ...", flush=True)
@@ -145,7 +156,13 @@ def main() -> None:
     p.add_argument("--set", action="append", help="extra override for every trained row")
     p.add_argument("--quick", action="store_true", help="smoke budget: 1 setting, 8 steps, 2048 eval tokens")
     p.add_argument("--jobs", type=int, default=1, help="rows run concurrently (a GPU has room for several)")
+    p.add_argument("--init-from", help="checkpoint the *gptq-start rows start from (method.init_from)")
     args = p.parse_args()
+    if args.init_from is None and any("gptq-start" in r for r in args.rows):
+        p.error("the gptq-start rows need --init-from: a compressed-tensors checkpoint of the demo model in the "
+                "setting's scheme, e.g. the data-free GPTQ run of bench/peers.py")
+    if args.init_from is not None:
+        args.init_from = str(Path(args.init_from).resolve())
     if args.quick:
         args.steps, args.eval_tokens, args.num_sequences = 8, 2048, 16
         args.settings = args.settings[:1]
@@ -172,9 +189,10 @@ def main() -> None:
               # the development text is the stdlib's pydoc prose, which changes between Python releases: runs
               # whose tokens_sha256 differ scored different tokens (compare their ratios to RTN, not ppl)
               "eval_text": {k: fp.get(k) for k in ("text", "tokens_sha256")},
+              **({"init_from": args.init_from} if args.init_from else {}),
               "rows": rows}
     jobs = [(s, r) for s in args.settings for r in args.rows]
-    seeded = [j for j in jobs if not j[1].startswith(("rtn", "noise"))]
+    seeded = [j for j in jobs if not {"method.name=rtn", "method.name=noise"} & set(ROWS[j[1]])]
     first = seeded[:1]  # generates and caches the seed sequences before rows run side by side
     if args.jobs > 1:  # rows side by side: split the cores instead of oversubscribing them
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.jobs)))

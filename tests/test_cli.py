@@ -86,3 +86,31 @@ def test_non_finite_weights_are_refused(tmp_path, capsys):
     assert main(["quantize", str(_recipe(tmp_path, model_dir))]) == 2
     assert "model.layers.1.self_attn.o_proj.weight" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_seeds_writes_the_sequences_quantize_trains_on(tmp_path, capsys):
+    """`zsaq seeds` writes the cached seed set (what training reads) as JSON lines; a rerun refuses to overwrite."""
+    from test_load_fixtures import make_word_tokenizer
+
+    from zsaq_dist.config import SeedDataCfg
+    from zsaq_dist.data.seed import load_or_generate
+
+    model_dir = save_tiny(make_tiny_llama(), tmp_path / "m")
+    make_word_tokenizer().save_pretrained(model_dir)
+    seed = {"num_sequences": 3, "cache_dir": str(tmp_path / "seed")}
+    recipe = _recipe(tmp_path, model_dir, seq_len=10, seed=4, seed_data=seed)
+    out = tmp_path / "seeds.jsonl"
+    assert main(["seeds", str(recipe), "--out", str(out)]) == 0
+    assert "3 seed sequences x 10 tokens" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    from zsaq_dist.config import ModelCfg
+    from zsaq_dist.io.load import load_model
+
+    teacher, tok = load_model(ModelCfg(path=model_dir))
+    ids = load_or_generate(teacher, SeedDataCfg(**seed), 10, 4, tok)  # from the cache `seeds` filled
+    assert [r["input_ids"] for r in rows] == ids.tolist()
+    assert all(r["attention_mask"] == [1] * 10 and isinstance(r["text"], str) for r in rows)
+    assert main(["seeds", str(recipe), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["seeds", str(recipe), "--out", str(out), "--overwrite", "--set", "method.seed=5"]) == 0
+    assert [json.loads(line)["input_ids"] for line in out.read_text().splitlines()] != ids.tolist()

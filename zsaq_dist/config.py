@@ -150,6 +150,18 @@ class MethodCfg(_Strict):
         description="where SAM perturbs: quantized = added after fake quantization, Q(w) + e (SAQ); latent = the "
         "trained full-precision weights, Q(w + e), whose rounding the perturbation can flip",
     )
+    init_from: str | None = Field(
+        None,
+        description="a compressed-tensors checkpoint of this model in the same quant scheme (e.g. GPTQ run on "
+        "zsaq's own seed sequences): the student starts from its codes, scales and zero points; null = RTN",
+    )
+    init_latent: Literal["teacher", "center", "nearest"] = Field(
+        "teacher",
+        description="with init_from, where each trained weight starts in its rounding bin: the teacher's weight "
+        "where it rounds to the checkpoint's code, else the bin's centre (teacher); every bin's centre (center; "
+        "needed when the checkpoint rescaled other tensors, as AWQ does); the teacher's weight clamped into the "
+        "bin (nearest)",
+    )
     ascent: bool = Field(True, description="false freezes the generator (ablation)")
     tau: float = Field(1.0, gt=0.0, description="distillation temperature (loss scaled by tau^2)")
     lambda_hidden: float = Field(0.0, ge=0.0, description="weight of the hidden-state MSE")

@@ -36,8 +36,18 @@ def learnable_scales(cfg: Config) -> bool:
 
 
 def build_student(teacher: nn.Module, cfg: Config) -> nn.Module:
-    """A fake-quantized copy of ``teacher`` (RTN-initialised); scales learnable when a trained method asks."""
-    return make_student(teacher, cfg.quant, learnable_scales(cfg), cfg.method.recompute_fake_quant)
+    """A fake-quantized copy of ``teacher`` (RTN, or ``method.init_from``); scales learnable when a trained method asks."""
+    student = make_student(teacher, cfg.quant, learnable_scales(cfg), cfg.method.recompute_fake_quant)
+    return init_from(student, cfg)
+
+
+def init_from(student: nn.Module, cfg: Config, write_gather=None) -> nn.Module:
+    """Start ``student`` from ``method.init_from``'s codes, scales and zero points when one is set."""
+    if cfg.method.init_from is not None:
+        from zsaq_dist.io.warmstart import init_student_from
+
+        init_student_from(student, cfg.method.init_from, write_gather, cfg.method.init_latent)
+    return student
 
 
 def load_teacher(cfg: Config, device: torch.device) -> tuple[nn.Module, Any]:
@@ -62,7 +72,7 @@ def quant_summary(student: nn.Module) -> dict[str, Any]:
 
 def base_report(cfg: Config) -> dict[str, Any]:
     """Provenance common to every report."""
-    return {
+    report = {
         "zsaq_dist_version": __version__,
         "config": cfg.model_dump(mode="json"),
         "config_hash": cfg.hash(),
@@ -71,6 +81,14 @@ def base_report(cfg: Config) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "real_data_used_for_training": False,
     }
+    if cfg.method.init_from is not None:  # whatever made that checkpoint is beyond what zsaq can vouch for
+        report["init_from"] = {
+            "path": cfg.method.init_from,
+            "latent": cfg.method.init_latent,
+            "note": "the student started from this checkpoint; zsaq used no real data, the checkpoint's own "
+            "calibration data is not known here",
+        }
+    return report
 
 
 def load_seed_model(cfg: Config, device: torch.device) -> nn.Module | None:

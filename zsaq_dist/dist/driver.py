@@ -103,6 +103,7 @@ def absolute_paths(cfg: Config) -> Config:
     d["model"]["path"] = _absolute(d["model"]["path"], must_exist=True)
     d["output"]["dir"] = _absolute(d["output"]["dir"])
     d["dist"]["storage_path"] = _absolute(d["dist"]["storage_path"])
+    d["method"]["init_from"] = _absolute(d["method"]["init_from"])
     sd = d["method"]["seed_data"]
     sd["cache_dir"] = _absolute(sd["cache_dir"])
     sd["seed_model"] = _absolute(sd["seed_model"], must_exist=True)

@@ -73,6 +73,13 @@ def gathered(params: list[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
+def gathered_for_writing(params: list[nn.Parameter]):
+    """A context in which the ZeRO-3 ``params`` are whole; rank 0's values are re-partitioned when it closes."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 def is_partitioned(p: torch.Tensor) -> bool:
     """A ZeRO-3 parameter (its values live in ``ds_tensor`` partitions)."""
     return hasattr(p, "ds_tensor")
@@ -167,6 +174,7 @@ def build_student(cfg: Config, teacher: nn.Module) -> nn.Module:
         student = to_student(
             freeze(model), cfg.quant, job.learnable_scales(cfg), cfg.method.recompute_fake_quant, gather=gather
         )
+        job.init_from(student, cfg, (lambda p: gathered_for_writing([p])) if stage == 3 else None)
     release_free_memory()
     return student
 
