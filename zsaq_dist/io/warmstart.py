@@ -46,7 +46,7 @@ from torch import nn
 
 from zsaq_dist.errors import ConfigError
 from zsaq_dist.quant import QuantLinear, quant_modules
-from zsaq_dist.quant.ste import quantize_weight
+from zsaq_dist.quant.ste import dequantize_codes, quantize_weight
 
 _QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx", "weight")
 
@@ -96,7 +96,7 @@ class _Reader:
 
 
 def read_scheme(path: str) -> dict[str, Any]:
-    """The checkpoint's single weight scheme: ``{"format", "bits", "group_size", "symmetric", "act_bits", "actorder"}``."""
+    """The checkpoint's single weight scheme: ``{"format", "bits", "group_size", "symmetric", "act_bits"}``."""
     d = Path(path)
     cfg_file = d / "config.json"
     if not cfg_file.is_file():
@@ -128,7 +128,6 @@ def read_scheme(path: str) -> dict[str, Any]:
         "group_size": w.get("group_size") if w.get("strategy") == "group" else None,
         "symmetric": w.get("symmetric", True),
         "act_bits": acts.get("num_bits") if acts else None,
-        "actorder": w.get("actorder"),
     }
 
 
@@ -167,15 +166,6 @@ def _codes(r: _Reader, name: str, m: QuantLinear, scheme: dict[str, Any], path: 
     return unpack_from_int32(r.get(f"{name}.weight_packed"), scheme["bits"], shape).to(torch.int32)
 
 
-def _dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None) -> torch.Tensor:
-    """``(q - zp) * s`` per group in ``scale``'s dtype, the same operations as ``fake_quant_weight``'s output."""
-    out, groups = scale.shape
-    qg = q.reshape(out, groups, -1).to(scale.dtype)
-    if zp is not None:
-        qg = qg - zp.unsqueeze(-1).to(scale.dtype)
-    return (qg * scale.unsqueeze(-1)).reshape(q.shape)
-
-
 MARGIN = 1e-3  # in quantization steps: how far inside its rounding bin a projected weight stays
 
 
@@ -194,7 +184,7 @@ def latent_weight(
     (``MARGIN`` inside its edges). Any weight whose value does not give back ``q`` in the dtype falls
     back to the centre; raises if even the centre does not (a dtype too coarse for the scheme).
     """
-    centre = _dequantize(q, scale, zp)
+    centre = dequantize_codes(q, scale, zp)
     w = centre
     if mode != "center":
         if teacher is None:

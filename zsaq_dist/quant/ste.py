@@ -59,10 +59,15 @@ def fake_quant_weight(
     w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int
 ) -> torch.Tensor:
     """Quantize-dequantize ``w`` (O, I) with per-group ``scale`` (O, G) and optional integer ``zero_point`` (O, G)."""
-    q = _grouped(quantize_weight(w, scale, zero_point, bits), scale).to(scale.dtype)  # (O, G, I/G)
+    return dequantize_codes(quantize_weight(w, scale, zero_point, bits), scale, zero_point)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    """``(q - zp) * s`` of integer codes ``q`` (O, I) per group of ``scale`` (O, G), in ``scale``'s dtype."""
+    qg = _grouped(q, scale).to(scale.dtype)  # (O, G, I/G)
     if zero_point is not None:
-        q = q - zero_point.unsqueeze(-1).to(scale.dtype)
-    return (q * scale.unsqueeze(-1)).reshape(w.shape)
+        qg = qg - zero_point.unsqueeze(-1).to(scale.dtype)
+    return (qg * scale.unsqueeze(-1)).reshape(q.shape)
 
 
 def fake_quant_act_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
