@@ -6,6 +6,7 @@ worker; ``run_quantize`` is the single-process path (``dist.launcher: local``).
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from typing import Any
@@ -46,7 +47,12 @@ def init_from(student: nn.Module, cfg: Config, write_gather=None) -> nn.Module:
     if cfg.method.init_from is not None:
         from zsaq_dist.io.warmstart import init_student_from
 
-        init_student_from(student, cfg.method.init_from, write_gather, cfg.method.init_latent)
+        n = init_student_from(student, cfg.method.init_from, write_gather, cfg.method.init_latent)
+        logging.getLogger("zsaq").info(
+            "student starts from %s (init_latent %s): %d quantized layers, %d other tensors (%d differ from the "
+            "teacher's)", cfg.method.init_from, cfg.method.init_latent, n["quantized_layers"], n["other_tensors"],
+            n["other_tensors_changed"],
+        )
     return student
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from torch import nn
 
 from zsaq_dist.errors import ConfigError
@@ -148,8 +149,6 @@ def check_scheme(scheme: dict[str, Any], m: QuantLinear, path: str) -> None:
 
 def _codes(r: _Reader, name: str, m: QuantLinear, scheme: dict[str, Any], path: str) -> torch.Tensor:
     """Integer codes (O, I) of layer ``name`` as stored in the checkpoint."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
     if f"{name}.weight_g_idx" in r:
         g = r.get(f"{name}.weight_g_idx")
         if not torch.equal(g, torch.arange(g.numel(), dtype=g.dtype) // (m.group_size or g.numel())):
@@ -221,7 +220,7 @@ def init_student_from(
 
     ``student`` is fresh from the teacher: its quantized layers' weights are the teacher's, which
     :func:`latent_weight` places in the checkpoint's bins as ``latent`` says.
-    Returns counts for the report: quantized layers, other tensors copied, and how many of those differ
+    Returns counts for the log: quantized layers, other tensors copied, and how many of those differ
     from the teacher's.
     """
     scheme = read_scheme(path)
@@ -276,8 +275,6 @@ def init_student_from(
             )
         zp = None
         if not m.symmetric:
-            from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
             packed = r.get(f"{name}.weight_zero_point")
             zp = unpack_from_int32(packed, m.bits, scale.shape, packed_dim=0).to(torch.int8)
             m.weight_zero_point.copy_(zp)
