@@ -74,6 +74,13 @@ ROWS = {
     "zsaq gptq-start ascent=false": ["method.name=zsaq", "method.init_from=INIT", "method.init_latent=teacher",
                                      "method.ascent=false"],
     "self_sample gptq-start": ["method.name=self_sample", "method.init_from=INIT", "method.init_latent=teacher"],
+    # block-by-block warm-up (--block-steps AdamW steps per decoder layer on the seed sequences) before the
+    # end-to-end game; "block-warmup" is the warm-up alone (0 end-to-end steps)
+    "block-warmup": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.steps=0"],
+    "zsaq block-warmup": ["method.name=zsaq", "method.block_warmup_steps=BLOCK"],
+    "zsaq block-warmup rho=0": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.rho=0"],
+    "zsaq block-warmup ascent=false": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.ascent=false"],
+    "self_sample block-warmup": ["method.name=self_sample", "method.block_warmup_steps=BLOCK"],
 }
 DEFAULT_ROWS = ["rtn", "noise", "self_sample", "zsaq", "zsaq rho=0", "zsaq ascent=false"]
 
@@ -121,8 +128,9 @@ def run_row(setting: str, row: str, teacher: str, fp_ppl: float, args: argparse.
     tag = f"{setting}-{row.replace(' ', '_').replace('=', '')}"
     out = WORK / (args.tag + tag)
     row_over = [o.replace("STEPS/4", str(max(1, args.steps // 4))).replace("INIT", str(args.init_from))
-                for o in ROWS[row]]
-    over = SETTINGS[setting] + row_over + budget_overrides(args) + [f"output.dir={out}"]
+                .replace("BLOCK", str(args.block_steps)) for o in ROWS[row]]
+    # the row's own keys last: a row may change the budget (the warm-up alone runs 0 end-to-end steps)
+    over = SETTINGS[setting] + budget_overrides(args) + row_over + [f"output.dir={out}"]
     cmd = [sys.executable, "-m", "zsaq_dist.cli", "quantize", args.recipe] + sum((["--set", o] for o in over), [])
     print(f"[{setting}] {row} ...", flush=True)
     secs, rss, _ = _run(cmd, WORK / f"{args.tag}{tag}.log")
@@ -157,6 +165,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke budget: 1 setting, 8 steps, 2048 eval tokens")
     p.add_argument("--jobs", type=int, default=1, help="rows run concurrently (a GPU has room for several)")
     p.add_argument("--init-from", help="checkpoint the *gptq-start rows start from (method.init_from)")
+    p.add_argument("--block-steps", type=int, default=64,
+                   help="warm-up steps per decoder layer of the *block-warmup rows (method.block_warmup_steps)")
     args = p.parse_args()
     if args.init_from is None and any("gptq-start" in r for r in args.rows):
         p.error("the gptq-start rows need --init-from: a compressed-tensors checkpoint of the demo model in the "
@@ -190,6 +200,7 @@ def main() -> None:
               # whose tokens_sha256 differ scored different tokens (compare their ratios to RTN, not ppl)
               "eval_text": {k: fp.get(k) for k in ("text", "tokens_sha256")},
               **({"init_from": args.init_from} if args.init_from else {}),
+              **({"block_steps": args.block_steps} if any("block-warmup" in r for r in args.rows) else {}),
               "rows": rows}
     jobs = [(s, r) for s in args.settings for r in args.rows]
     seeded = [j for j in jobs if not {"method.name=rtn", "method.name=noise"} & set(ROWS[j[1]])]

@@ -101,20 +101,22 @@ def ray_local():
     ray.shutdown()
 
 
-def _reference(root: Path, model_dir: str, sam_space: str = "latent") -> dict:
+def _reference(root: Path, model_dir: str, sam_space: str = "latent", change=None) -> dict:
     """The single-process run: trainer history (with SAM norms) and its exported tensors."""
     from zsaq_dist import job
     from zsaq_dist.io.export import export_checkpoint
     from zsaq_dist.minimax.trainer import train
 
-    cfg = _cfg(root, f"ref-{sam_space}", model_dir, sam_space, launcher="local")
+    cfg = _cfg(root, f"ref-{sam_space}" + ("-changed" if change else ""), model_dir, sam_space, launcher="local")
+    cfg = change(cfg) if change else cfg
     teacher, tok = job.load_teacher(cfg, torch.device("cpu"))
     student = job.build_student(teacher, cfg)
     norms: list[float] = []
     hist = train(teacher, student, tok, cfg, progress=False, on_step=lambda s, m: norms.append(m["grad_norm"]))
     ev = job.evaluate_in_memory(teacher, student, tok, cfg)
     out = export_checkpoint(student, tok, cfg, {}, progress=False)
-    return {"loss": hist["loss"], "grad_norm": norms, "tensors": _tensors(out), "eval": ev}
+    return {"loss": hist["loss"], "grad_norm": norms, "tensors": _tensors(out), "eval": ev,
+            "block_warmup": hist.get("block_warmup")}
 
 
 @pytest.fixture(scope="module")
@@ -370,3 +372,38 @@ def test_zero3_student_starts_bit_exactly_from_a_checkpoint(ray_local, root, mod
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference_warmup(root, model_dir) -> dict:
+    return _reference(root, model_dir, "latent", _with_warmup)
+
+
+def _with_warmup(cfg: Config) -> Config:
+    return validate(cfg.model_dump(mode="json") | {"method": cfg.method.model_dump(mode="json") | {
+        "block_warmup_steps": 3, "block_warmup_lr": 3e-4}})
+
+
+@pytest.mark.parametrize("stage", [3, 0])
+def test_block_warmup_on_two_workers_matches_single_process_and_is_not_redone_on_resume(
+    ray_local, root, model_dir, reference_warmup, stage
+):
+    """Every rank warms the same layers (rank 0's values kept); a run killed in the game resumes without redoing it."""
+    from zsaq_dist.errors import ZsaqError
+
+    ref = reference_warmup
+    name = f"warm-z{stage}"
+    killed = _with_warmup(_cfg(root, name, model_dir, num_workers=2, zero_stage=stage, checkpoint_every=2,
+                               fail_at_step=3))
+    with pytest.raises(ZsaqError, match="failed"):
+        _run(ray_local, killed)
+    rep = _run(ray_local, _with_warmup(_cfg(root, name, model_dir, num_workers=2, zero_stage=stage,
+                                            checkpoint_every=2)))
+    assert rep["dist"]["resumed_from_step"] == 2
+    got, want = rep["history"]["block_warmup"]["layers"], ref["block_warmup"]["layers"]
+    assert any(w["kept"] for w in want)
+    for g, w in zip(got, want, strict=True):  # restored with the checkpoint's history: the warm-up ran once
+        assert g["kept"] == w["kept"] == (g["loss_after"] <= g["loss_before"])  # a worse layer is put back
+        assert (g["loss_before"], g["loss_after"]) == pytest.approx((w["loss_before"], w["loss_after"]), abs=1e-6)
+    _assert_same_tensors(_tensors(root / name), ref["tensors"], atol=1e-5)
+    assert rep["history"]["loss"] == pytest.approx(ref["loss"], abs=1e-4)

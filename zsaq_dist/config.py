@@ -162,6 +162,13 @@ class MethodCfg(_Strict):
         "needed when the checkpoint rescaled other tensors, as AWQ does); the teacher's weight clamped into the "
         "bin (nearest)",
     )
+    block_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="before the end-to-end game, AdamW steps on each decoder layer alone, matching the teacher's "
+        "layer output on the seed sequences (the student's own inputs); 0 = off",
+    )
+    block_warmup_lr: float = Field(3e-4, ge=0.0, description="lr of the block warm-up (cosine to 0 within each layer)")
     ascent: bool = Field(True, description="false freezes the generator (ablation)")
     tau: float = Field(1.0, gt=0.0, description="distillation temperature (loss scaled by tau^2)")
     lambda_hidden: float = Field(0.0, ge=0.0, description="weight of the hidden-state MSE")
@@ -192,6 +199,27 @@ class MethodCfg(_Strict):
             raise ValueError(
                 f"scales_only_steps={k} leaves no step for the weights (steps={self.steps}): "
                 f"use scales_only_steps < steps, or scales_only_steps: 0"
+            )
+        return self
+
+    @property
+    def trains(self) -> bool:
+        """Whether the student is trained at all (end-to-end steps, or the block warm-up alone)."""
+        return self.name != "rtn" and (self.steps > 0 or self.block_warmup_steps > 0)
+
+    @model_validator(mode="after")
+    def _block_warmup(self) -> MethodCfg:
+        if self.block_warmup_steps == 0:
+            return self
+        if self.name == "rtn":
+            raise ValueError(
+                f"block_warmup_steps={self.block_warmup_steps} trains the student, but method rtn trains nothing: "
+                "use method.name: zsaq (or self_sample), or block_warmup_steps: 0"
+            )
+        if self.name == "noise" or (self.name == "zsaq" and self.generator.mode == "noise"):
+            raise ValueError(
+                "block_warmup_steps warms the layers on the seed sequences, which the noise baseline does not use: "
+                "set block_warmup_steps: 0 for noise"
             )
         return self
 

@@ -111,7 +111,7 @@ def load_seed_model(cfg: Config, device: torch.device) -> nn.Module | None:
 
 def train_student(teacher: nn.Module, student: nn.Module, tokenizer: Any, cfg: Config) -> dict[str, Any]:
     """Run the configured method; RTN trains nothing."""
-    if cfg.method.name == "rtn" or cfg.method.steps == 0:
+    if not cfg.method.trains:
         return {}
     from zsaq_dist.minimax.trainer import train
 
@@ -156,7 +156,7 @@ def check_local_dtype(cfg: Config) -> None:
     The Ray path runs the same config as DeepSpeed mixed precision (16-bit parameters, fp32 master
     copies and moments), which is what ``model.dtype: bfloat16`` is for when training.
     """
-    if cfg.method.name == "rtn" or cfg.method.steps == 0 or cfg.model.dtype == "float32":
+    if not cfg.method.trains or cfg.model.dtype == "float32":
         return
     from zsaq_dist.errors import ConfigError
 

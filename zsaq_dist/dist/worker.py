@@ -27,6 +27,7 @@ from zsaq_dist.dist import sam as dsam
 from zsaq_dist.dist.engines import all_gather, broadcast, setup_comm, teacher_engine, world
 from zsaq_dist.dist.export import export_parallel
 from zsaq_dist.dist.game import DistGame
+from zsaq_dist.minimax.blockwise import block_warmup
 from zsaq_dist.minimax.trainer import Inputs, new_history, record_step, load_seed_ids, resolve_mode
 
 log = logging.getLogger("zsaq.dist")
@@ -72,10 +73,41 @@ def _inputs(teacher, tokenizer, cfg: Config) -> Inputs:
         return Inputs(teacher, mode, m, seed_ids)
 
 
-def _train(game: DistGame, cfg: Config, start: int, hist: dict | None) -> dict[str, Any]:
+def _block_warmup(teacher, student, inp: Inputs, cfg: Config) -> dict[str, Any]:
+    """The block warm-up on every rank alike (:func:`zsaq_dist.minimax.blockwise.block_warmup`); rank 0's result is kept.
+
+    Every rank runs the same teacher layer calls (collectives under ZeRO-3) on all seed sequences and
+    trains the same student layer; a ZeRO-3 student's layer is gathered for it and re-partitioned from
+    rank 0's values, a replicated one (stages 0-2) is broadcast from rank 0 after each layer, so the
+    engines start from identical weights whatever the hardware's nondeterminism.
+    """
+    import torch.distributed as tdist
+
+    rank, n = world()
+    layer_ctx = sync = None
+    if dload.is_partitioned(next(student.parameters())):
+        layer_ctx = lambda layer: dload.gathered_for_writing(list(layer.parameters()))  # noqa: E731
+    elif n > 1:
+
+        def sync(layer):
+            for p in layer.parameters():
+                tdist.broadcast(p.data, src=0)
+
+    def on_layer(i: int, row: dict) -> None:
+        if rank == 0 and "loss_before" in row:
+            log.info("block warm-up layer %d: error %.5f -> %.5f%s (%.1fs)", i, row["loss_before"],
+                     row["loss_after"], "" if row["kept"] else ", worse: put back", row["seconds"])
+
+    m = cfg.method
+    return block_warmup(teacher, student, inp.seed_ids, m, m.learnable_scales, False, on_layer, layer_ctx, sync)
+
+
+def _train(game: DistGame, cfg: Config, start: int, hist: dict | None, warmup: dict | None) -> dict[str, Any]:
     """Student steps ``start..steps-1``, appended to ``hist`` (restored from the checkpoint, or new)."""
     m, rank = cfg.method, world()[0]
     hist = hist or {"mode": game.inp.mode, "method": m.name, **new_history(), "grad_norm": []}
+    if warmup is not None:
+        hist["block_warmup"] = warmup
     t_start = time.perf_counter()
     for step in range(start, m.steps):
         _maybe_fail(cfg, step)
@@ -131,12 +163,15 @@ def train_loop(config: dict[str, Any]) -> None:
     t_engine = teacher_engine(teacher, cfg)  # partitions a teacher that was loaded whole
     inp = _inputs(t_engine.module, tokenizer, cfg)
     saved = checkpoint.restored()  # Ray Train's checkpoint of this run, if it restarts or is rerun
+    warmup = None  # a restored checkpoint holds the warmed student (and the warm-up's record in its history)
+    if cfg.method.trains and cfg.method.block_warmup_steps > 0 and saved is None:
+        warmup = _block_warmup(t_engine.module, student, inp, cfg)
     game = DistGame(t_engine, student, inp, cfg, universal=checkpoint.needs_universal(saved, cfg))
     start, hist = checkpoint.resume(game, cfg.hash(), saved)
     report["load_seconds"] = round(time.perf_counter() - t0, 2)
     report["dist"] = {**_dist_summary(game, cfg, start), "load": load}
-    if cfg.method.name != "rtn" and cfg.method.steps > 0:
-        report["history"] = _train(game, cfg, start, hist)
+    if cfg.method.trains:
+        report["history"] = _train(game, cfg, start, hist, warmup)
     if cfg.eval is not None:
         # every rank runs the same forwards: under ZeRO-3 each one is a collective
         t2 = time.perf_counter()

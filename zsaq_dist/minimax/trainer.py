@@ -9,6 +9,8 @@ Modes ``self_sample`` and ``noise`` feed seed embeddings or random embeddings
 and have no generator. Step ``k`` runs SAM at radius ``rho_at(k, steps, rho, rho_final)``
 (recorded as ``rho``); with ``scales_only_steps = K`` the weights' lr is 0 for steps ``< K``
 (:func:`zsaq_dist.minimax.student.make_student_scheduler`), ``dist.game`` does the same.
+With ``block_warmup_steps > 0`` the student's decoder layers are first warmed one by one on the
+seed sequences (:mod:`zsaq_dist.minimax.blockwise`); the record goes into the history as ``block_warmup``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from zsaq_dist.config import Config, MethodCfg
 from zsaq_dist.data.seed import load_or_generate
 from zsaq_dist.errors import ConfigError
+from zsaq_dist.minimax.blockwise import block_warmup
 from zsaq_dist.minimax.generator import (
     STREAM_GENERATOR,
     STREAM_GM,
@@ -188,12 +191,14 @@ def train(
     m = cfg.method
     mode = resolve_mode(m)
     hist = {"mode": mode, "method": m.name, **new_history()}
-    if m.name == "rtn" or m.steps == 0:
+    if not m.trains:
         return hist | {"total_seconds": 0.0}
     freeze(teacher)
     set_trainable(student, m.learnable_scales)
-    torch.manual_seed(m.seed)  # the generator's initial weights
     seed_ids = None if mode == "noise" else load_seed_ids(teacher, seed_model, tokenizer, m)
+    if m.block_warmup_steps > 0:
+        hist["block_warmup"] = block_warmup(teacher, student, seed_ids, m, m.learnable_scales, progress)
+    torch.manual_seed(m.seed)  # the generator's initial weights
     game = Game(teacher, student, Inputs(teacher, mode, m, seed_ids))
     t_start = time.perf_counter()
     bar = tqdm(range(m.steps), disable=not progress, desc=f"zsaq {mode}", dynamic_ncols=True)
@@ -214,8 +219,15 @@ def plot_history(history: dict, path_png: str) -> str:
     """Training curves (student loss and KL; generator KL) as a PNG (Agg canvas, no pyplot global state)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 3.8))
-    ax1, ax2 = fig.subplots(1, 2)
+    warm = [r for r in (history.get("block_warmup") or {}).get("layers", []) if "loss_before" in r]
+    fig = Figure(figsize=(15 if warm else 10, 3.8))
+    ax1, ax2, *ax3 = fig.subplots(1, 3 if warm else 2)
+    if warm:
+        layers = [r["layer"] for r in warm]
+        ax3[0].plot(layers, [r["loss_before"] for r in warm], marker=".", label="before")
+        ax3[0].plot(layers, [r["loss_after"] for r in warm], marker=".", label="after")
+        ax3[0].set(xlabel="decoder layer", ylabel="relative squared error", title="block warm-up")
+        ax3[0].legend()
     steps = history["step"]
     ax1.plot(steps, history["loss"], label="student loss")
     ax1.plot(steps, history["kl"], label="KL(T || S)", alpha=0.8)

@@ -1,0 +1,184 @@
+"""Block-by-block warm-up of the student before the end-to-end game (``method.block_warmup_steps``).
+
+For each decoder layer ``l`` in order, the student's layer ``S_l`` (fake-quantized) is trained
+alone to reproduce the teacher's layer ``T_l``::
+
+    min  || S_l(h_S) - T_l(h_T) ||^2 / || T_l(h_T) ||^2      (summed over the minibatch)
+
+on the seed sequences (the teacher's own text: zero real data). ``h_T`` is the teacher's hidden
+state entering layer ``l``, ``h_S`` the student's, after its earlier layers were warmed, so each
+layer also absorbs the error its predecessors left (as GPTQ does with quantized inputs). After
+``block_warmup_steps`` AdamW steps on layer ``l`` both streams move one layer on and the next
+layer starts. Only the layer's QuantLinear weights (and trainable scales) move; the teacher,
+the embeddings and the norms do not.
+
+The hidden states entering layer 0 and the keyword arguments every layer receives (rotary
+position embeddings, the attention mask) are taken from one ordinary teacher forward per
+minibatch through a forward pre-hook on layer 0, so any decoder stack transformers builds
+(Llama, Qwen2, Mistral, ...) runs unchanged: :func:`capture_layer_inputs`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from zsaq_dist.config import MethodCfg
+from zsaq_dist.errors import ConfigError
+from zsaq_dist.minimax.step import seed_embeddings
+from zsaq_dist.optim.schedule import make_scheduler
+from zsaq_dist.quant import quant_modules
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The name and the ``nn.ModuleList`` of ``model``'s decoder layers (``config.num_hidden_layers`` long)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return name, mod
+    raise ConfigError(
+        f"block warm-up found no list of {n} decoder layers in {type(model).__name__}: "
+        "set method.block_warmup_steps: 0 for this architecture"
+    )
+
+
+def _hidden(out) -> torch.Tensor:
+    """A decoder layer's output hidden states (a tensor, or the first item of the tuple older layers return)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+class Batch:
+    """One minibatch of the warm-up: its hidden-state streams and the keyword arguments of every layer."""
+
+    def __init__(self, h: torch.Tensor, kwargs: dict):
+        self.h_teacher = h
+        self.h_student = h.clone()
+        self.kwargs = kwargs
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(hidden states, keyword arguments) with which ``model``'s forward on ``inputs_embeds=x`` calls layer 0."""
+    got: dict = {}
+
+    def hook(_mod, args, kwargs):
+        if "h" not in got:
+            got["h"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+            got["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(inputs_embeds=x, use_cache=False)
+    finally:
+        handle.remove()
+    return got["h"], got["kwargs"]
+
+
+def layer_loss(student_layer: nn.Module, batch: Batch, target: torch.Tensor) -> torch.Tensor:
+    """Relative squared error of the student layer's output against the teacher's (one minibatch)."""
+    out = _hidden(student_layer(batch.h_student, **batch.kwargs))
+    return (out - target).float().pow(2).sum() / target.float().pow(2).sum()
+
+
+def _layer_params(layer: nn.Module, learnable_scales: bool) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    mods = [m for _, m in quant_modules(layer)]
+    weights = list({id(m.weight): m.weight for m in mods}.values())
+    scales = list({id(m.weight_scale): m.weight_scale for m in mods if learnable_scales}.values())
+    return weights, scales
+
+
+def _mean_loss(layer: nn.Module, batches: list[Batch], targets: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        return sum(float(layer_loss(layer, b, t)) for b, t in zip(batches, targets, strict=True)) / len(batches)
+
+
+def warm_layer(
+    s_layer: nn.Module, batches: list[Batch], targets: list[torch.Tensor], m: MethodCfg, learnable_scales: bool
+) -> dict[str, float]:
+    """``m.block_warmup_steps`` AdamW steps of one student layer; minibatch ``k mod len(batches)`` at step ``k``.
+
+    A layer whose mean error over the minibatches ends above where it started (too large an lr) is put
+    back as it was (``kept: False``): the warm-up never leaves a layer worse on the seed sequences.
+    """
+    weights, scales = _layer_params(s_layer, learnable_scales)
+    before = _mean_loss(s_layer, batches, targets)
+    start = [p.detach().clone() for p in weights + scales]
+    groups = [{"params": weights, "lr": m.block_warmup_lr, "weight_decay": 0.0}]
+    if scales:
+        groups.append({"params": scales, "lr": m.scale_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups)
+    sched = make_scheduler(opt, m.block_warmup_steps, 0, "cosine")
+    params = weights + scales
+    for k in range(m.block_warmup_steps):
+        b = k % len(batches)
+        loss = layer_loss(s_layer, batches[b], targets[b])
+        loss.backward(inputs=params)
+        if m.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, m.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    after = _mean_loss(s_layer, batches, targets)
+    if after > before:
+        with torch.no_grad():
+            for p, p0 in zip(params, start, strict=True):
+                p.copy_(p0)
+    return {"loss_before": before, "loss_after": after, "kept": after <= before}
+
+
+def block_warmup(
+    teacher: nn.Module,
+    student: nn.Module,
+    seed_ids: torch.Tensor,
+    m: MethodCfg,
+    learnable_scales: bool,
+    progress: bool = True,
+    on_layer: Callable[[int, dict], None] | None = None,
+    layer_ctx: Callable[[nn.Module], AbstractContextManager] | None = None,
+    sync: Callable[[nn.Module], None] | None = None,
+) -> dict:
+    """Warm every decoder layer of ``student`` that holds a QuantLinear in turn; return the per-layer record.
+
+    ``seed_ids`` (N, T): the seed sequences, taken ``m.batch_size`` at a time (the last minibatch may be
+    shorter). Deterministic: no sampling, the minibatches are taken in order.
+
+    For DeepSpeed workers (:mod:`zsaq_dist.dist.worker`): a ZeRO-3 teacher's layers gather their
+    parameters through its own hooks (every rank runs the same calls); ``layer_ctx(student_layer)``
+    is entered around each student layer's turn (a ZeRO-3 student: gathered, rank 0's values kept)
+    and ``sync(student_layer)`` runs at its end (a replicated student: rank 0's values broadcast).
+    """
+    t0 = time.perf_counter()
+    name, t_layers = decoder_layers(teacher)
+    s_layers = student.get_submodule(name)
+    batches = []
+    for i in range(0, len(seed_ids), m.batch_size):
+        x = seed_embeddings(teacher, seed_ids[i : i + m.batch_size])
+        batches.append(Batch(*capture_layer_inputs(teacher, t_layers, x)))
+    record = {"steps_per_layer": m.block_warmup_steps, "lr": m.block_warmup_lr, "layers": []}
+    bar = tqdm(range(len(t_layers)), disable=not progress, desc="block warm-up", dynamic_ncols=True)
+    for i in bar:
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            targets = [_hidden(t_layers[i](b.h_teacher, **b.kwargs)) for b in batches]
+        row = {"layer": i}
+        with layer_ctx(s_layers[i]) if layer_ctx is not None else nullcontext():
+            if any(True for _ in quant_modules(s_layers[i])):
+                row |= warm_layer(s_layers[i], batches, targets, m, learnable_scales)
+                bar.set_postfix(before=f"{row['loss_before']:.4f}", after=f"{row['loss_after']:.4f}")
+                if sync is not None:
+                    sync(s_layers[i])
+            with torch.no_grad():
+                for b, t in zip(batches, targets, strict=True):
+                    b.h_student = _hidden(s_layers[i](b.h_student, **b.kwargs))
+                    b.h_teacher = t
+        row["seconds"] = time.perf_counter() - t1
+        record["layers"].append(row)
+        if on_layer is not None:
+            on_layer(i, row)
+    record["total_seconds"] = time.perf_counter() - t0
+    return record
