@@ -129,6 +129,9 @@ def run_row(setting: str, row: str, teacher: str, fp_ppl: float, args: argparse.
     out = WORK / (args.tag + tag)
     row_over = [o.replace("STEPS/4", str(max(1, args.steps // 4))).replace("INIT", str(args.init_from))
                 .replace("BLOCK", str(args.block_steps)) for o in ROWS[row]]
+    # rows not named for the block warm-up run without it (it became the default after the results before it)
+    if "BLOCK" not in " ".join(ROWS[row]):
+        row_over.append("method.block_warmup_steps=0")
     # the row's own keys last: a row may change the budget (the warm-up alone runs 0 end-to-end steps)
     over = SETTINGS[setting] + budget_overrides(args) + row_over + [f"output.dir={out}"]
     cmd = [sys.executable, "-m", "zsaq_dist.cli", "quantize", args.recipe] + sum((["--set", o] for o in over), [])
@@ -144,7 +147,10 @@ def run_row(setting: str, row: str, teacher: str, fp_ppl: float, args: argparse.
             "data": "none" if row.startswith("rtn") else "self-generated (zero-shot)",
             "ppl": ev["ppl"], "dppl": ev["ppl"] - fp_ppl, "kl": ev["kl"], "top1": ev["top1"],
             "seconds": round(secs, 1), "peak_rss_mb": round(rss, 1),
-            "sam_space": m.get("sam_space") if m["name"] != "rtn" and m.get("rho", 0) > 0 else None}
+            "sam_space": m.get("sam_space") if m["name"] != "rtn" and m["steps"] > 0 and m.get("rho", 0) > 0 else None,
+            # the block warm-up as the row ran it (steps per decoder layer and lr), None without one
+            "block_warmup": ({"steps": m["block_warmup_steps"], "lr": m["block_warmup_lr"]}
+                             if m.get("block_warmup_steps") else None)}
 
 
 def main() -> None:

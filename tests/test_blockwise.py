@@ -164,6 +164,15 @@ def test_warmup_refuses_methods_without_seed_sequences(tmp_path, method, message
         _cfg(tmp_path, **method)
 
 
+def test_the_default_warmup_is_off_for_the_methods_without_seed_sequences(tmp_path):
+    def steps(**method):
+        raw = {"model": {"path": "tiny"}, "output": {"dir": str(tmp_path)}, "method": method}
+        return validate(raw).method.block_warmup_steps
+
+    assert steps() == steps(name="self_sample") == 64
+    assert steps(name="rtn") == steps(name="noise") == steps(generator={"mode": "noise"}) == 0
+
+
 def test_model_without_a_decoder_stack_is_refused():
     model = make_tiny_llama(hidden=32, layers=2)
     model.config.num_hidden_layers = 7

@@ -42,6 +42,7 @@ def _cfg(tmp_path, **method):
         "warmup_steps": 1,
         "rho": 0.1,
         "seed": 5,
+        "block_warmup_steps": 0,  # the game's own steps from RTN: the warm-up is tested in test_blockwise
         "generator": {"noise_dim": 8, "hidden_dim": 16},
         "seed_data": {"num_sequences": 4, "cache_dir": str(tmp_path / "seed")},
     }

@@ -163,10 +163,10 @@ class MethodCfg(_Strict):
         "bin (nearest)",
     )
     block_warmup_steps: int = Field(
-        0,
+        64,
         ge=0,
         description="before the end-to-end game, AdamW steps on each decoder layer alone, matching the teacher's "
-        "layer output on the seed sequences (the student's own inputs); 0 = off",
+        "layer output on the seed sequences (the student's own inputs); 0 = off; rtn and noise: off",
     )
     block_warmup_lr: float = Field(3e-4, ge=0.0, description="lr of the block warm-up (cosine to 0 within each layer)")
     ascent: bool = Field(True, description="false freezes the generator (ablation)")
@@ -210,6 +210,10 @@ class MethodCfg(_Strict):
     @model_validator(mode="after")
     def _block_warmup(self) -> MethodCfg:
         if self.block_warmup_steps == 0:
+            return self
+        seedless = self.name in ("rtn", "noise") or (self.name == "zsaq" and self.generator.mode == "noise")
+        if seedless and "block_warmup_steps" not in self.model_fields_set:
+            self.__dict__["block_warmup_steps"] = 0  # the default is for methods that train on seed sequences
             return self
         if self.name == "rtn":
             raise ValueError(
