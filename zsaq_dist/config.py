@@ -220,7 +220,7 @@ class MethodCfg(_Strict):
                 f"block_warmup_steps={self.block_warmup_steps} trains the student, but method rtn trains nothing: "
                 "use method.name: zsaq (or self_sample), or block_warmup_steps: 0"
             )
-        if self.name == "noise" or (self.name == "zsaq" and self.generator.mode == "noise"):
+        if seedless:
             raise ValueError(
                 "block_warmup_steps warms the layers on the seed sequences, which the noise baseline does not use: "
                 "set block_warmup_steps: 0 for noise"

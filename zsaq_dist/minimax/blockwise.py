@@ -31,6 +31,7 @@ from tqdm import tqdm
 from zsaq_dist.config import MethodCfg
 from zsaq_dist.errors import ConfigError
 from zsaq_dist.minimax.step import seed_embeddings
+from zsaq_dist.minimax.student import student_params
 from zsaq_dist.optim.schedule import make_scheduler
 from zsaq_dist.quant import quant_modules
 
@@ -86,10 +87,8 @@ def layer_loss(student_layer: nn.Module, batch: Batch, target: torch.Tensor) -> 
 
 
 def _layer_params(layer: nn.Module, learnable_scales: bool) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    mods = [m for _, m in quant_modules(layer)]
-    weights = list({id(m.weight): m.weight for m in mods}.values())
-    scales = list({id(m.weight_scale): m.weight_scale for m in mods if learnable_scales}.values())
-    return weights, scales
+    weights, scales = student_params(layer)
+    return weights, scales if learnable_scales else []
 
 
 def _mean_loss(layer: nn.Module, batches: list[Batch], targets: list[torch.Tensor]) -> float:
