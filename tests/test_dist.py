@@ -39,6 +39,7 @@ def _cfg(root: Path, name: str, model: str, sam_space: str = "latent", **dist) -
                 "lr": 1e-5,
                 "scale_lr": 1e-5,
                 "sam_space": sam_space,
+                "block_warmup_steps": 0,  # the game's own steps; the warm-up's dist test sets it (_with_warmup)
                 "seed_data": {"num_sequences": 4, "cache_dir": str(root / "seed")},
                 "generator": {"noise_dim": 8, "hidden_dim": 16},
             },
