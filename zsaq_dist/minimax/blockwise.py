@@ -57,8 +57,7 @@ class Batch:
     """One minibatch of the warm-up: its hidden-state streams and the keyword arguments of every layer."""
 
     def __init__(self, h: torch.Tensor, kwargs: dict):
-        self.h_teacher = h
-        self.h_student = h.clone()
+        self.h_teacher = self.h_student = h  # never changed in place: each layer assigns new tensors
         self.kwargs = kwargs
 
 
@@ -106,13 +105,13 @@ def warm_layer(
     """
     weights, scales = _layer_params(s_layer, learnable_scales)
     before = _mean_loss(s_layer, batches, targets)
-    start = [p.detach().clone() for p in weights + scales]
+    params = weights + scales
+    start = [p.detach().clone() for p in params]
     groups = [{"params": weights, "lr": m.block_warmup_lr, "weight_decay": 0.0}]
     if scales:
         groups.append({"params": scales, "lr": m.scale_lr, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups)
     sched = make_scheduler(opt, m.block_warmup_steps, 0, "cosine")
-    params = weights + scales
     for k in range(m.block_warmup_steps):
         b = k % len(batches)
         loss = layer_loss(s_layer, batches[b], targets[b])
