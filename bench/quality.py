@@ -81,6 +81,18 @@ ROWS = {
     "zsaq block-warmup rho=0": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.rho=0"],
     "zsaq block-warmup ascent=false": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.ascent=false"],
     "self_sample block-warmup": ["method.name=self_sample", "method.block_warmup_steps=BLOCK"],
+    # the warm-up's weights left where it trained them, on their bins' edges (every run before the margin existed)
+    "zsaq block-warmup margin=0": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.block_warmup_margin=0"],
+    # ... or moved 0.1 quantization steps inside them, with the ablations
+    "zsaq block-warmup margin=0.1": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                     "method.block_warmup_margin=0.1"],
+    "zsaq block-warmup ascent=false margin=0.1": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                                  "method.block_warmup_margin=0.1", "method.ascent=false"],
+    "zsaq block-warmup rho=0 margin=0.1": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                           "method.block_warmup_margin=0.1", "method.rho=0"],
+    # a stronger generator: its ascent lr raised from 1e-3 (bench/ascent_probe.py measures how hard its inputs get)
+    "zsaq block-warmup glr=3e-3": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.generator.lr=3e-3"],
+    "zsaq block-warmup glr=1e-2": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.generator.lr=1e-2"],
 }
 DEFAULT_ROWS = ["rtn", "noise", "self_sample", "zsaq", "zsaq rho=0", "zsaq ascent=false"]
 
@@ -148,8 +160,10 @@ def run_row(setting: str, row: str, teacher: str, fp_ppl: float, args: argparse.
             "ppl": ev["ppl"], "dppl": ev["ppl"] - fp_ppl, "kl": ev["kl"], "top1": ev["top1"],
             "seconds": round(secs, 1), "peak_rss_mb": round(rss, 1),
             "sam_space": m.get("sam_space") if m["name"] != "rtn" and m["steps"] > 0 and m.get("rho", 0) > 0 else None,
-            # the block warm-up as the row ran it (steps per decoder layer and lr), None without one
-            "block_warmup": ({"steps": m["block_warmup_steps"], "lr": m["block_warmup_lr"]}
+            # the block warm-up as the row ran it (steps per decoder layer, lr and the margin its weights were moved
+            # inside their bins: 0 in runs made before that option), None without one
+            "block_warmup": ({"steps": m["block_warmup_steps"], "lr": m["block_warmup_lr"],
+                              "margin": m.get("block_warmup_margin", 0.0)}
                              if m.get("block_warmup_steps") else None)}
 
 

@@ -9,7 +9,9 @@ Rows are grouped by (setting, method) and labelled with where SAM perturbed: a r
 ``sam_space`` (written by ``bench/quality.py`` since that option exists), else ``quantized`` for
 the ``zsaq sam=quantized`` row, else ``latent`` for the files passed to ``--latent`` (runs made
 before ``method.sam_space`` existed, when SAM always perturbed the latent weights), else the current
-default. Rows without SAM (``rho=0``, ``rtn``) carry no such label.
+default. Rows without SAM (``rho=0``, ``rtn``, the ``block-warmup`` row that runs no game step) carry no such
+label. A row whose block warm-up moved its weights inside their bins (``block_warmup.margin`` > 0) and whose
+name does not say so gets `` margin=M``.
 
 Writes a ``quality``-style JSON (so ``bench/render.py`` shows it): one row per method with the mean
 of ``ppl``, ``dppl``, ``kl``, ``top1`` and ``seconds`` over seeds and ``per_seed`` (Δppl per seed),
@@ -21,6 +23,7 @@ how many seeds the first one wins (ties count for neither); its note lists the p
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import shlex
@@ -40,10 +43,29 @@ def seed_of(command: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def _quality_rows() -> dict[str, list[str]]:
+    """``bench/quality.py``'s rows (name -> overrides), loaded from beside this file."""
+    spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).with_name("quality.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.ROWS
+
+
+QUALITY_ROWS = _quality_rows()
+
+
+def trains_end_to_end(method: str) -> bool:
+    """Whether a quality.py row runs game steps (where SAM acts): not the warm-up alone, which sets 0 steps."""
+    return "method.steps=0" not in QUALITY_ROWS.get(method, [])
+
+
 def label(row: dict, latent_file: bool, default_space: str) -> str:
     """Method name with where its SAM perturbed, e.g. ``zsaq, SAM quantized``; rows without SAM as they are."""
     method = row["method"]
-    if method.startswith("rtn") or NO_SAM.search(method) or method == "fp":
+    margin = (row.get("block_warmup") or {}).get("margin")
+    if margin and "margin=" not in method:  # a run made while the warm-up's margin defaulted to it
+        method = f"{method} margin={margin:g}"
+    if method.startswith("rtn") or NO_SAM.search(method) or method == "fp" or not trains_end_to_end(method):
         return method
     if "sam=quantized" in method:
         space, method = "quantized", method.replace(" sam=quantized", "")

@@ -112,13 +112,71 @@ def test_only_the_warmed_layer_gets_gradients(tmp_path):
 
 
 def test_a_layer_the_warmup_made_worse_is_put_back(tmp_path):
-    cfg = _cfg(tmp_path, block_warmup_lr=1.0, block_warmup_steps=2)
+    cfg = _cfg(tmp_path, block_warmup_lr=1.0, block_warmup_steps=2, block_warmup_margin=0)
     teacher = make_tiny_llama(hidden=32, layers=2)
     student = make_student(teacher, cfg.quant, True)
     s0 = {k: v.clone() for k, v in student.state_dict().items()}
     rows = train(teacher, student, None, cfg, progress=False)["block_warmup"]["layers"]
     assert [r["kept"] for r in rows] == [False, False] and all(r["loss_after"] > r["loss_before"] for r in rows)
     assert all(torch.equal(v, s0[k]) for k, v in student.state_dict().items())
+
+
+def _codes(model):
+    return {n: q.int_weight() for n, q in quant_modules(model)}
+
+
+def _bin_offsets(q):
+    """Each weight's distance from its code, in quantization steps (O, I), and where the code is not saturated."""
+    with torch.no_grad():
+        u = q.weight.reshape(*q.weight_scale.shape, -1) / q.weight_scale.unsqueeze(-1)
+        if q.weight_zero_point is not None:
+            u = u + q.weight_zero_point.unsqueeze(-1).float()
+        c = q.int_weight().reshape(u.shape).float()
+        inner = (c > -(1 << (q.bits - 1))) & (c < (1 << (q.bits - 1)) - 1)
+    return (u - c).abs(), inner
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_settle_moves_weights_inside_their_bins_and_keeps_every_code(symmetric):
+    quant = QuantCfg.model_validate({"weights": {"bits": 3, "group_size": 16, "symmetric": symmetric}})
+    student = make_student(make_tiny_llama(hidden=32, layers=2), quant, True)
+    q = next(m for _, m in quant_modules(student))
+    with torch.no_grad():  # put a few weights exactly on their bin's edge, as training leaves them
+        u = q.weight.reshape(*q.weight_scale.shape, -1) / q.weight_scale.unsqueeze(-1)
+        z = 0 if q.weight_zero_point is None else q.weight_zero_point.unsqueeze(-1).float()
+        edge = ((torch.round(u + z) + 0.5 - z) * q.weight_scale.unsqueeze(-1)).reshape(q.weight.shape)
+        q.weight[:, ::7] = edge[:, ::7]
+    codes, fq = q.int_weight(), q.quantized_weight().detach().clone()
+    w0 = q.weight.detach().clone()
+    dist0, inner = _bin_offsets(q)
+    moved = q.settle(0.25)
+    assert torch.equal(q.int_weight(), codes) and torch.equal(q.quantized_weight(), fq)  # bit for bit
+    dist, _ = _bin_offsets(q)
+    assert bool((dist[inner] <= 0.25 + 1e-5).all())  # every unsaturated weight 0.25 steps inside its edges
+    far = (dist0 <= 0.25).reshape(w0.shape)  # already that far inside: exactly as it was
+    assert torch.equal(q.weight[far], w0[far])
+    assert moved == int((q.weight != w0).sum()) > q.weight.shape[0]
+    assert q.settle(0.25) == 0  # settled weights stay
+
+
+def test_the_warmups_margin_changes_no_code_only_where_the_weights_sit(tmp_path):
+    """Settling each layer keeps its outputs bit for bit, so the next layers train exactly as without it."""
+    runs = {}
+    for margin in (0.0, 0.3):
+        cfg = _cfg(tmp_path, block_warmup_margin=margin)
+        teacher = make_tiny_llama(hidden=32, layers=3)
+        student = make_student(teacher, cfg.quant, True)
+        rec = train(teacher, student, None, cfg, progress=False)["block_warmup"]
+        runs[margin] = (rec, student)
+    (r0, s0), (r3, s3) = runs[0.0], runs[0.3]
+    c0, c3 = _codes(s0), _codes(s3)
+    assert c0.keys() == c3.keys() and all(torch.equal(c0[k], c3[k]) for k in c0)
+    for (_, a), (_, b) in zip(quant_modules(s0), quant_modules(s3), strict=True):
+        assert torch.equal(a.quantized_weight(), b.quantized_weight())
+        dist, inner = _bin_offsets(b)
+        assert bool((dist[inner] <= 0.2 + 1e-5).all())
+    assert [r["loss_after"] for r in r0["layers"]] == [r["loss_after"] for r in r3["layers"]]
+    assert all(r["settled"] == 0 for r in r0["layers"]) and all(r["settled"] > 0 for r in r3["layers"])
 
 
 def test_layer_loss_is_the_relative_squared_error():

@@ -169,6 +169,15 @@ class MethodCfg(_Strict):
         "layer output on the seed sequences (the student's own inputs); 0 = off; rtn and noise: off",
     )
     block_warmup_lr: float = Field(3e-4, ge=0.0, description="lr of the block warm-up (cosine to 0 within each layer)")
+    block_warmup_margin: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="after its warm-up, each layer's trained weights move at least this far (in quantization "
+        "steps) inside their rounding bins, codes unchanged, so that the game's first steps do not flip at once "
+        "the codes near a bin's edge; 0 = leave them (0.1 keeps the warm-up's KL and top-1 through the game "
+        "but ended at a higher perplexity, bench/README.md)",
+    )
     ascent: bool = Field(True, description="false freezes the generator (ablation)")
     tau: float = Field(1.0, gt=0.0, description="distillation temperature (loss scaled by tau^2)")
     lambda_hidden: float = Field(0.0, ge=0.0, description="weight of the hidden-state MSE")

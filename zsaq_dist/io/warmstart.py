@@ -47,7 +47,7 @@ from torch import nn
 
 from zsaq_dist.errors import ConfigError
 from zsaq_dist.quant import QuantLinear, quant_modules
-from zsaq_dist.quant.ste import dequantize_codes, quantize_weight
+from zsaq_dist.quant.ste import dequantize_codes, into_bins, quantize_weight
 
 _QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx", "weight")
 
@@ -190,13 +190,7 @@ def latent_weight(
             raise ValueError(f"init_latent={mode!r} needs the teacher's weight")
         t = teacher.to(scale.dtype)
         if mode == "nearest":
-            out, groups = scale.shape
-            z = 0 if zp is None else zp.unsqueeze(-1).to(scale.dtype)
-            qg = q.reshape(out, groups, -1).to(scale.dtype)
-            u = t.reshape(out, groups, -1) / scale.unsqueeze(-1) + z
-            inside = torch.clamp(u, qg - 0.5 + MARGIN, qg + 0.5 - MARGIN)
-            edge = ((inside - z) * scale.unsqueeze(-1)).reshape(q.shape)
-            t = torch.where((inside == u).reshape(q.shape), t, edge)
+            t = into_bins(t, q, scale, zp, MARGIN)
         w = torch.where(quantize_weight(t, scale, zp, bits) == q, t, centre)
     if not torch.equal(quantize_weight(w, scale, zp, bits), q.to(w.dtype)):
         raise ConfigError(

@@ -102,6 +102,12 @@ def warm_layer(
 
     A layer whose mean error over the minibatches ends above where it started (too large an lr) is put
     back as it was (``kept: False``): the warm-up never leaves a layer worse on the seed sequences.
+    Then, with ``m.block_warmup_margin > 0``, its trained weights are moved that far inside their rounding
+    bins (:meth:`QuantLinear.settle`; ``settled``: how many moved). The codes, and so every output, stay
+    bit for bit; what changes is the game after it. Adam's first step of the end-to-end game moves every
+    weight by about ``lr`` whatever its gradient, so every weight that close to an edge and pushed toward
+    it flips a whole quantization step at once; on the demo model that undid the warm-up
+    (``bench/warmup_edges.py``).
     """
     weights, scales = _layer_params(s_layer, learnable_scales)
     before = _mean_loss(s_layer, batches, targets)
@@ -126,7 +132,8 @@ def warm_layer(
         with torch.no_grad():
             for p, p0 in zip(params, start, strict=True):
                 p.copy_(p0)
-    return {"loss_before": before, "loss_after": after, "kept": after <= before}
+    settled = sum(q.settle(m.block_warmup_margin) for _, q in quant_modules(s_layer)) if m.block_warmup_margin else 0
+    return {"loss_before": before, "loss_after": after, "kept": after <= before, "settled": settled}
 
 
 def block_warmup(

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zsaq_dist.quant.qparams import init_qparams
-from zsaq_dist.quant.ste import fake_quant_act_per_token, fake_quant_weight, quantize_weight
+from zsaq_dist.quant.ste import fake_quant_act_per_token, fake_quant_weight, into_bins, quantize_weight
 
 
 class QuantLinear(nn.Linear):
@@ -81,6 +81,24 @@ class QuantLinear(nn.Linear):
     def int_weight(self) -> torch.Tensor:
         """Integer codes (O, I) as int8, exactly what the export packs."""
         return quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.bits).to(torch.int8)
+
+    @torch.no_grad()
+    def settle(self, margin: float) -> int:
+        """Move the trained weight at least ``margin`` steps inside its rounding bins, its codes unchanged.
+
+        A weight within ``d`` of a bin's edge flips its code, a whole quantization step, at any step of ``d``
+        toward that edge; Adam moves every weight by about ``lr`` at its first steps, whatever its gradient.
+        Moving the weights inside keeps the quantized weight bit for bit; a weight that would not round back
+        (float rounding) keeps its value. Saturated weights (clipped to the lowest or highest code) stay
+        where they are. Returns how many weights moved.
+        """
+        codes = quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.bits)
+        w = into_bins(self.weight, codes, self.weight_scale, self.weight_zero_point, margin, self.bits)
+        same = quantize_weight(w, self.weight_scale, self.weight_zero_point, self.bits) == codes
+        w = torch.where(same, w, self.weight)
+        moved = int((w != self.weight).sum())
+        self.weight.copy_(w)
+        return moved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.recompute and not self.frozen and torch.is_grad_enabled():

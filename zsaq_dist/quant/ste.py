@@ -62,6 +62,33 @@ def fake_quant_weight(
     return dequantize_codes(quantize_weight(w, scale, zero_point, bits), scale, zero_point)
 
 
+def into_bins(
+    w: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    margin: float,
+    bits: int | None = None,
+) -> torch.Tensor:
+    """``w`` (O, I) moved into the rounding bins of codes ``q`` (O, I), ``margin`` steps inside their edges.
+
+    A weight already that far inside keeps its exact value. With ``bits``, the outer edges of the lowest and
+    highest codes stay open: a weight clipped to ``qmin`` or ``qmax`` keeps its value on that side.
+    """
+    u = _grouped(w, scale) / scale.unsqueeze(-1)
+    z = 0 if zero_point is None else zero_point.unsqueeze(-1).to(scale.dtype)
+    u = u + z
+    qg = _grouped(q, scale).to(scale.dtype)
+    lo, hi = qg - 0.5 + margin, qg + 0.5 - margin
+    if bits is not None:
+        qmin, qmax = qrange(bits)
+        lo = torch.where(qg <= qmin, -torch.inf, lo)
+        hi = torch.where(qg >= qmax, torch.inf, hi)
+    inside = torch.clamp(u, lo, hi)
+    moved = ((inside - z) * scale.unsqueeze(-1)).reshape(w.shape)
+    return torch.where((inside == u).reshape(w.shape), w, moved.to(w.dtype))
+
+
 def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
     """``(q - zp) * s`` of integer codes ``q`` (O, I) per group of ``scale`` (O, G), in ``scale``'s dtype."""
     qg = _grouped(q, scale).to(scale.dtype)  # (O, G, I/G)
