@@ -21,19 +21,12 @@ the student disagrees more with the teacher within a game's budget of ascent ste
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
+import _probe  # bench/_probe.py, beside this script
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 HELD_OUT = (200, 201)
 
 
@@ -53,21 +46,15 @@ def held_out_kl(teacher, student, inp, clean: bool) -> float:
     return sum(kls) / len(kls)
 
 
-def measure(args: argparse.Namespace) -> list[dict]:
-    from zsaq_dist.config import load_config
-    from zsaq_dist.io.demo import fetch_demo_model
+def measure(args: argparse.Namespace) -> dict:
     from zsaq_dist.job import build_student, load_teacher
     from zsaq_dist.minimax.student import freeze, set_trainable
     from zsaq_dist.minimax.trainer import Game, Inputs, batch_indices, load_seed_ids
 
     def config(lr: float):
-        return load_config(
-            ROOT / "configs" / "bench-quality.yaml",
+        return _probe.demo_config(
+            args.symmetric,
             [
-                f"model.path={fetch_demo_model(quiet=True)}",
-                "quant.weights.bits=4",
-                "quant.weights.group_size=64",
-                f"quant.weights.symmetric={str(args.symmetric).lower()}",
                 f"method.steps={args.game_steps}",
                 f"method.batch_size={args.batch_size}",
                 f"method.seq_len={args.seq_len}",
@@ -76,7 +63,6 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 f"method.generator.lr={lr}",
                 f"method.generator.radius={args.radius}",
                 "method.block_warmup_steps=0",
-                "output.dir=/tmp/unused",
             ],
         )
 
@@ -102,7 +88,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 curve.append({"step": k + 1, "kl": kl, "gen_kl": g["gen_kl"], "r_nat": g["r_nat"]})
                 print(f"lr {lr:g} step {k + 1}: held-out KL {kl:.4f} (seed text {clean:.4f})", flush=True)
         runs.append({"lr": lr, "clean_kl": clean, "curve": curve, "seconds": round(time.perf_counter() - t0, 1)})
-    return runs
+    return {"runs": runs}
 
 
 def table(result: dict) -> str:
@@ -146,27 +132,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--num-sequences", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--symmetric", action="store_true", help="W4 g64 symmetric (default: asymmetric)")
-    p.add_argument("--out", default=str(RESULTS / "ascent_probe.json"))
-    p.add_argument("--table", metavar="JSON", help="only print the Markdown table of a result file")
-    args = p.parse_args()
-    if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
-        return
-    result = {
-        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus, cpu)",
-        "date": dt.date.today().isoformat(),
-        "command": shlex.join(["python", "bench/ascent_probe.py", *sys.argv[1:]]),
-        "setting": f"w4g64-{'sym' if args.symmetric else 'asym'}",
-        "args": vars(args),
-        "runs": measure(args),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(table(result))
-    print(f"wrote {out} and .png")
+    _probe.main(p, "ascent_probe", measure, table, plot)
 
 
 if __name__ == "__main__":

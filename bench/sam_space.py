@@ -27,23 +27,13 @@ latent perturbation measures is mostly the jump of the rounded codes it flips.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
-import shlex
-import sys
 from pathlib import Path
 
+import _probe  # bench/_probe.py, beside this script
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from zsaq_dist.config import load_config
-    from zsaq_dist.io.demo import fetch_demo_model
     from zsaq_dist.io.load import load_model
     from zsaq_dist.minimax.step import seed_embeddings, student_loss, teacher_targets
     from zsaq_dist.minimax.student import freeze, make_student, student_params
@@ -51,17 +41,12 @@ def measure(args: argparse.Namespace) -> dict:
     from zsaq_dist.optim.sam import EPS, global_norm
     from zsaq_dist.quant import quant_modules
 
-    cfg = load_config(
-        ROOT / "configs" / "bench-quality.yaml",
+    cfg = _probe.demo_config(
+        args.symmetric,
         [
-            f"model.path={fetch_demo_model()}",
-            "quant.weights.bits=4",
-            "quant.weights.group_size=64",
-            f"quant.weights.symmetric={str(args.symmetric).lower()}",
             f"method.seq_len={args.seq_len}",
             f"method.seed_data.num_sequences={args.num_sequences}",
             f"method.seed={args.seed}",
-            "output.dir=/tmp/unused",
         ],
     )
     m = cfg.method
@@ -184,29 +169,13 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--num-sequences", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--symmetric", action="store_true", help="W4 g64 symmetric (default: asymmetric)")
-    p.add_argument("--out", default=str(RESULTS / "sam_space.json"))
-    p.add_argument("--table", metavar="JSON", help="only print the Markdown table of a result file")
-    args = p.parse_args()
-    if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
-        return
-    if args.batches * args.batch_size > args.num_sequences:
-        p.error("--batches x --batch-size must fit in --num-sequences")
-    result = {
-        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus, cpu)",
-        "date": dt.date.today().isoformat(),
-        "command": shlex.join(["python", "bench/sam_space.py", *sys.argv[1:]]),
-        "setting": f"w4g64-{'sym' if args.symmetric else 'asym'}",
-        "args": vars(args),
-        **measure(args),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(table(result))
-    print(f"wrote {out} and .png")
+
+    def check(args: argparse.Namespace) -> str | None:
+        if args.batches * args.batch_size > args.num_sequences:
+            return "--batches x --batch-size must fit in --num-sequences"
+        return None
+
+    _probe.main(p, "sam_space", measure, table, plot, check)
 
 
 if __name__ == "__main__":

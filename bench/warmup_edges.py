@@ -20,24 +20,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
-import os
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
+import _probe  # bench/_probe.py, beside this script
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from zsaq_dist.config import load_config
-    from zsaq_dist.io.demo import fetch_demo_model
     from zsaq_dist.job import build_student, load_teacher
     from zsaq_dist.minimax.blockwise import block_warmup
     from zsaq_dist.minimax.step import student_loss, teacher_targets
@@ -45,13 +35,9 @@ def measure(args: argparse.Namespace) -> dict:
     from zsaq_dist.minimax.trainer import Game, Inputs, load_seed_ids
     from zsaq_dist.quant import quant_modules
 
-    cfg = load_config(
-        ROOT / "configs" / "bench-quality.yaml",
+    cfg = _probe.demo_config(
+        args.symmetric,
         [
-            f"model.path={fetch_demo_model(quiet=True)}",
-            "quant.weights.bits=4",
-            "quant.weights.group_size=64",
-            f"quant.weights.symmetric={str(args.symmetric).lower()}",
             f"method.steps={args.game_steps}",
             "method.batch_size=4",
             "method.seq_len=64",
@@ -59,7 +45,6 @@ def measure(args: argparse.Namespace) -> dict:
             f"method.seed={args.seed}",
             "method.lr=5e-5",
             "method.block_warmup_margin=0",
-            "output.dir=/tmp/unused",
         ],
     )
     m = cfg.method
@@ -148,27 +133,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="game steps per margin")
     p.add_argument("--game-steps", type=int, default=40, help="the game's length, which sets its lr schedule")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--symmetric", action="store_true", help="W4 g64 symmetric (default: asymmetric)")
-    p.add_argument("--out", default=str(RESULTS / "warmup_edges.json"))
-    p.add_argument("--table", metavar="JSON", help="only print the Markdown table of a result file")
-    args = p.parse_args()
-    if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
-        return
-    result = {
-        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus, cpu)",
-        "date": dt.date.today().isoformat(),
-        "command": shlex.join(["python", "bench/warmup_edges.py", *sys.argv[1:]]),
-        "setting": f"w4g64-{'sym' if args.symmetric else 'asym'}",
-        "args": vars(args),
-        **measure(args),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(table(result))
-    print(f"wrote {out} and .png")
+    _probe.main(p, "warmup_edges", measure, table, plot)
 
 
 if __name__ == "__main__":

@@ -382,7 +382,7 @@ def reference_warmup(root, model_dir) -> dict:
 
 def _with_warmup(cfg: Config) -> Config:
     return validate(cfg.model_dump(mode="json") | {"method": cfg.method.model_dump(mode="json") | {
-        "block_warmup_steps": 3, "block_warmup_lr": 3e-4}})
+        "block_warmup_steps": 3, "block_warmup_lr": 3e-4, "block_warmup_margin": 0.25}})
 
 
 @pytest.mark.parametrize("stage", [3, 0])
@@ -406,5 +406,6 @@ def test_block_warmup_on_two_workers_matches_single_process_and_is_not_redone_on
     for g, w in zip(got, want, strict=True):  # restored with the checkpoint's history: the warm-up ran once
         assert g["kept"] == w["kept"] == (g["loss_after"] <= g["loss_before"])  # a worse layer is put back
         assert (g["loss_before"], g["loss_after"]) == pytest.approx((w["loss_before"], w["loss_after"]), abs=1e-6)
+        assert w["settled"] > 0 and g["settled"] == pytest.approx(w["settled"], rel=0.01)  # settled as one process
     _assert_same_tensors(_tensors(root / name), ref["tensors"], atol=1e-5)
     assert rep["history"]["loss"] == pytest.approx(ref["loss"], abs=1e-4)
