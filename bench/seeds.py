@@ -61,11 +61,11 @@ def trains_end_to_end(method: str) -> bool:
 
 def label(row: dict, latent_file: bool, default_space: str) -> str:
     """Method name with where its SAM perturbed, e.g. ``zsaq, SAM quantized``; rows without SAM as they are."""
-    method = row["method"]
+    method = name = row["method"]
     margin = (row.get("block_warmup") or {}).get("margin")
     if margin and "margin=" not in method:  # a run made while the warm-up's margin defaulted to it
         method = f"{method} margin={margin:g}"
-    if method.startswith("rtn") or NO_SAM.search(method) or method == "fp" or not trains_end_to_end(method):
+    if method.startswith("rtn") or NO_SAM.search(method) or method == "fp" or not trains_end_to_end(name):
         return method
     if "sam=quantized" in method:
         space, method = "quantized", method.replace(" sam=quantized", "")
