@@ -32,7 +32,7 @@ def measure(args: argparse.Namespace) -> dict:
     from zsaq_dist.minimax.blockwise import block_warmup
     from zsaq_dist.minimax.step import student_loss, teacher_targets
     from zsaq_dist.minimax.student import freeze, set_trainable
-    from zsaq_dist.minimax.trainer import Game, Inputs, load_seed_ids
+    from zsaq_dist.minimax.trainer import Game, Inputs, batch_indices, load_seed_ids
     from zsaq_dist.quant import quant_modules
 
     cfg = _probe.demo_config(
@@ -56,7 +56,7 @@ def measure(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     record = block_warmup(teacher, warmed, seed_ids, m, m.learnable_scales, progress=False)
     warm_seconds = time.perf_counter() - t0
-    x0 = seed_embeddings_of(teacher, seed_ids, m)
+    x0 = Inputs(teacher, "self_sample", m, seed_ids).seed_embeds(batch_indices(0, m.batch_size))  # the first batch
     target0 = teacher_targets(teacher, x0, m)
 
     def kl0(student) -> float:
@@ -86,15 +86,6 @@ def measure(args: argparse.Namespace) -> dict:
         "codes": n_codes,
         "runs": runs,
     }
-
-
-def seed_embeddings_of(teacher, seed_ids, m):
-    """Teacher embeddings of batch 0's seed sequences (the game's first batch)."""
-    from zsaq_dist.minimax.step import seed_embeddings
-    from zsaq_dist.minimax.trainer import batch_indices
-
-    rows = torch.tensor([i % len(seed_ids) for i in batch_indices(0, m.batch_size)])
-    return seed_embeddings(teacher, seed_ids[rows])
 
 
 def table(result: dict) -> str:
