@@ -92,6 +92,12 @@ ROWS = {
                                            "method.block_warmup_margin=0.1", "method.rho=0"],
     # a stronger generator: its ascent lr raised from 1e-3 (bench/ascent_probe.py measures how hard its inputs get)
     "zsaq block-warmup glr=3e-3": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.generator.lr=3e-3"],
+    # a generator allowed three times as far from the seed embeddings (radius 0.3 instead of 0.1), with and
+    # without its ascent: does an adversary with more room make the ascent matter?
+    "zsaq block-warmup radius=0.3": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                     "method.generator.radius=0.3"],
+    "zsaq block-warmup ascent=false radius=0.3": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                                  "method.generator.radius=0.3", "method.ascent=false"],
 }
 DEFAULT_ROWS = ["rtn", "noise", "self_sample", "zsaq", "zsaq rho=0", "zsaq ascent=false"]
 

@@ -16,8 +16,9 @@ name does not say so gets `` margin=M``.
 Writes a ``quality``-style JSON (so ``bench/render.py`` shows it): one row per method with the mean
 of ``ppl``, ``dppl``, ``kl``, ``top1`` and ``seconds`` over seeds and ``per_seed`` (Δppl per seed),
 and ``paired``: for every pair of methods, the mean difference of Δppl over the seeds they share and
-how many seeds the first one wins (ties count for neither); its note lists the pairs with the default
-``zsaq`` row. A PNG next to it shows each seed's Δppl and the mean per method.
+how many seeds the first one wins (ties count for neither) and the spread (``sd``) of the differences;
+its note lists the pairs with the default ``zsaq`` row (``--ref``: another row), each gap with its standard
+error. A PNG next to it shows each seed's Δppl and the mean per method.
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ def summarise(runs: list[Path], latent: set[Path], default_space: str) -> dict:
                 "b": b["method"],
                 "seeds": len(shared),
                 "mean_a_minus_b": statistics.fmean(diffs),
+                # spread of the paired differences over seeds (null with one seed): a mean gap smaller than
+                # its standard error (sd / sqrt(seeds)) is not told apart from 0 by these seeds
+                "sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
                 "a_wins": sum(d < 0 for d in diffs),
                 "b_wins": sum(d > 0 for d in diffs),
             }
@@ -144,9 +148,10 @@ def notes(paired: list[dict], ref: str) -> list[str]:
         for q in pairs:
             other, sign = (q["b"], -1) if q["a"] == ref else (q["a"], 1)
             wins = q["b_wins"] if q["a"] == ref else q["a_wins"]
-            parts.append(f"{other} {sign * q['mean_a_minus_b']:+.3f} (better at {wins} of {q['seeds']} seeds)")
+            se = f" ± {q['sd'] / q['seeds'] ** 0.5:.3f}" if q.get("sd") is not None else ""
+            parts.append(f"{other} {sign * q['mean_a_minus_b']:+.3f}{se} (better at {wins} of {q['seeds']} seeds)")
         lines.append(
-            f"{setting}: paired over seeds against `{ref}` (the default), in Δppl "
+            f"{setting}: paired over seeds against `{ref}`, in Δppl, mean ± standard error over seeds "
             "(negative: the other row is better): " + "; ".join(parts)
         )
     return lines
@@ -190,6 +195,7 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", required=True, help="bench/quality.py result files")
     p.add_argument("--latent", nargs="*", default=[], help="runs made before method.sam_space existed")
     p.add_argument("--out", required=True)
+    p.add_argument("--ref", help="the row the note pairs every other row with (default: the default zsaq row)")
     args = p.parse_args()
     from zsaq_dist.config import MethodCfg
 
@@ -203,7 +209,7 @@ def main() -> None:
         "budget": first.get("budget"),
         **result,
     }
-    result["notes"] = notes(result["paired"], f"zsaq, SAM {MethodCfg().sam_space}")
+    result["notes"] = notes(result["paired"], args.ref or f"zsaq, SAM {MethodCfg().sam_space}")
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))

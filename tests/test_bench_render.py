@@ -213,9 +213,10 @@ def test_seeds_labels_small_rho_as_sam_and_notes_ties_per_setting(tmp_path):
                        ("w3", "zsaq block-warmup margin=0.1, SAM quantized"), ("w3", "zsaq margin=0.1, SAM quantized")}
     lines = seeds.notes(out["paired"], "zsaq, SAM quantized")
     w4 = next(line for line in lines if line.startswith("w4:"))
-    # rho=0 ties at seed 0 and loses at seed 1: a tie is a win for neither side
-    assert "zsaq rho=0 +0.050 (better at 0 of 2 seeds)" in w4
-    assert "zsaq rho=0.01, SAM quantized +0.050 (better at 1 of 2 seeds)" in w4
+    # rho=0 ties at seed 0 and loses at seed 1: a tie is a win for neither side; each gap has its standard
+    # error over seeds (sd of the paired differences / sqrt(2): 0.05 for 0, +0.1; 0.15 for -0.1, +0.2)
+    assert "zsaq rho=0 +0.050 ± 0.050 (better at 0 of 2 seeds)" in w4
+    assert "zsaq rho=0.01, SAM quantized +0.050 ± 0.150 (better at 1 of 2 seeds)" in w4
     w3 = next(line for line in lines if line.startswith("w3:"))
     assert "zsaq rho=0 -0.500 (better at 1 of 1 seeds)" in w3  # paired on seed 0 only
     seeds.plot({**out, "sources": out["sources"]}, tmp_path / "seeds.png")
