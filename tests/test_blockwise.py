@@ -26,7 +26,7 @@ from zsaq_dist.quant import quant_modules
 QUANT = QuantCfg.model_validate({"weights": {"bits": 3, "group_size": 16}})
 
 
-def _cfg(tmp_path, **method):
+def _cfg(tmp_path, quant=QUANT, **method):
     base = {
         "steps": 0,
         "batch_size": 2,
@@ -42,7 +42,7 @@ def _cfg(tmp_path, **method):
         {
             "model": {"path": "tiny"},
             "output": {"dir": str(tmp_path / "out")},
-            "quant": QUANT.model_dump(),
+            "quant": quant.model_dump(),
             "method": {**base, **method},
             "dist": {"launcher": "local"},
         }
@@ -70,10 +70,16 @@ def test_layer_stream_reproduces_the_models_hidden_states(make):
             assert torch.equal(h, ref[i + 1]), i
 
 
-def test_warmup_moves_only_quantized_weights_and_lowers_every_layers_error(tmp_path):
-    cfg = _cfg(tmp_path)
+W4A8 = QuantCfg.model_validate({"weights": {"bits": 4, "group_size": 16}, "activations": {"bits": 8}})
+
+
+@pytest.mark.parametrize("quant", [QUANT, W4A8], ids=["w3", "w4a8"])
+def test_warmup_moves_only_quantized_weights_and_lowers_every_layers_error(tmp_path, quant):
+    """Also with int8 activations (W4A8): the warm-up trains through their fake quantization as the game does."""
+    cfg = _cfg(tmp_path, quant)
     teacher = make_tiny_llama(hidden=32, layers=3)
     student = make_student(teacher, cfg.quant, cfg.method.learnable_scales)
+    assert {q.act_bits for _, q in quant_modules(student)} == {8 if quant.activations else None}
     t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
     s0 = {k: v.clone() for k, v in student.state_dict().items()}
     hist = train(teacher, student, None, cfg, progress=False)
