@@ -102,11 +102,13 @@ ROWS = {
 DEFAULT_ROWS = ["rtn", "noise", "self_sample", "zsaq", "zsaq rho=0", "zsaq ascent=false"]
 
 
-def _run(cmd: list[str], log: Path) -> tuple[float, float, str]:
-    """Run a command; return (seconds, peak RSS of that child in MB, stdout)."""
+def _run(cmd: list[str], log: Path, threads: int | None = None) -> tuple[float, float, str]:
+    """Run a command (with ``threads`` torch threads, else the environment's); return (seconds, peak RSS of that
+    child in MB, stdout)."""
     t0 = time.perf_counter()
     with open(log, "w") as err:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "")}
+        omp = str(threads) if threads else os.environ.get("OMP_NUM_THREADS", "")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": omp}
         if not env["OMP_NUM_THREADS"]:
             del env["OMP_NUM_THREADS"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
@@ -140,8 +142,11 @@ def budget_overrides(args: argparse.Namespace) -> list[str]:
     return o + list(args.set or [])
 
 
-def run_row(setting: str, row: str, teacher: str, fp_ppl: float, args: argparse.Namespace) -> dict:
-    """Quantize one (setting, method) row in a subprocess, then evaluate its reloaded checkpoint."""
+def run_row(
+    setting: str, row: str, teacher: str, fp_ppl: float, args: argparse.Namespace, threads: int | None = None
+) -> dict:
+    """Quantize one (setting, method) row in a subprocess (``threads``: its torch threads), then evaluate its
+    reloaded checkpoint."""
     tag = f"{setting}-{row.replace(' ', '_').replace('=', '')}"
     out = WORK / (args.tag + tag)
     row_over = [o.replace("STEPS/4", str(max(1, args.steps // 4))).replace("INIT", str(args.init_from))
@@ -153,7 +158,7 @@ def run_row(setting: str, row: str, teacher: str, fp_ppl: float, args: argparse.
     over = SETTINGS[setting] + budget_overrides(args) + row_over + [f"output.dir={out}"]
     cmd = [sys.executable, "-m", "zsaq_dist.cli", "quantize", args.recipe] + sum((["--set", o] for o in over), [])
     print(f"[{setting}] {row} ...", flush=True)
-    secs, rss, _ = _run(cmd, WORK / f"{args.tag}{tag}.log")
+    secs, rss, _ = _run(cmd, WORK / f"{args.tag}{tag}.log", threads)
     ev = _eval(str(out), teacher, args, WORK / f"{args.tag}{tag}-eval.log")
     config = json.loads((out / "zsaq_report.json").read_text())["config"]
     q, m = config["quant"], config["method"]
@@ -230,14 +235,17 @@ def main() -> None:
     jobs = [(s, r) for s in args.settings for r in args.rows]
     seeded = [j for j in jobs if not {"method.name=rtn", "method.name=noise"} & set(ROWS[j[1]])]
     first = seeded[:1]  # generates and caches the seed sequences before rows run side by side
-    if args.jobs > 1:  # rows side by side: split the cores instead of oversubscribing them
+    # the first row runs alone, so it takes every core (the environment's OMP_NUM_THREADS, where set); the rows
+    # side by side after it split them instead of oversubscribing them
+    alone = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    if args.jobs > 1:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.jobs)))
     failed = result["failed"] = []
 
     def attempt(job: tuple[str, str]) -> dict:
         # one row failing (say, out of GPU memory beside others) is recorded and the rest still run
         try:
-            return run_row(*job, teacher, fp["ppl"], args)
+            return run_row(*job, teacher, fp["ppl"], args, alone if job in first and len(jobs) > 1 else None)
         except RuntimeError as exc:
             print(f"[{job[0]}] {job[1]}: FAILED\n{exc}", file=sys.stderr, flush=True)
             return {"setting": job[0], "method": job[1], "error": str(exc).splitlines()[0][-300:]}

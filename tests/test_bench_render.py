@@ -230,21 +230,25 @@ def test_quality_records_a_failed_row_runs_the_rest_and_exits_nonzero(tmp_path, 
     monkeypatch.setattr(demo, "fetch_demo_model", lambda: tmp_path / "teacher")
     monkeypatch.setattr(quality, "WORK", tmp_path / "work")
     monkeypatch.setattr(quality, "_eval", lambda *a, **k: {"ppl": 10.0, "kl": 0.0, "top1": 1.0})
-    ran = []
+    ran, threads = [], {}
 
-    def run_row(setting, row, teacher, fp_ppl, args):
+    def run_row(setting, row, teacher, fp_ppl, args, n_threads=None):
         ran.append(row)
+        threads[row] = n_threads
         if row == "zsaq":  # say, out of GPU memory beside the other rows
             raise RuntimeError("zsaq quantize failed (exit 1); log: x.log\nCUDA out of memory")
         return {**_row(row, 4, False, "self-generated (zero-shot)", 12.0, 0.1, 0.9), "setting": setting}
 
     monkeypatch.setattr(quality, "run_row", run_row)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
     argv = ["quality.py", "--results", str(tmp_path), "--tag", "t", "--settings", "w4g64-asym",
             "--rows", "zsaq", "self_sample", "zsaq rho=0", "--jobs", "2"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit, match=r"1 row\(s\) failed .*w4g64-asym zsaq"):
         quality.main()
     assert sorted(ran) == ["self_sample", "zsaq", "zsaq rho=0"]  # the failing first row stopped nothing
+    # the first row runs alone (it writes the seed set) on every core; the rest side by side on their share
+    assert threads == {"zsaq": 7, "self_sample": None, "zsaq rho=0": None}
     result = json.loads((tmp_path / "quality_t.json").read_text())
     assert [r["method"] for r in result["rows"]] == ["fp", "self_sample", "zsaq rho=0"]
     assert result["failed"] == [{"setting": "w4g64-asym", "method": "zsaq",
