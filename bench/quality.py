@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -160,8 +161,9 @@ def run_row(
     print(f"[{setting}] {row} ...", flush=True)
     secs, rss, _ = _run(cmd, WORK / f"{args.tag}{tag}.log", threads)
     ev = _eval(str(out), teacher, args, WORK / f"{args.tag}{tag}-eval.log")
-    config = json.loads((out / "zsaq_report.json").read_text())["config"]
-    q, m = config["quant"], config["method"]
+    report = json.loads((out / "zsaq_report.json").read_text())
+    q, m = report["config"]["quant"], report["config"]["method"]
+    kl = report.get("history", {}).get("kl") or []  # the student's KL on its own (generated) batch, per game step
     print(f"[{setting}] {row}: ppl {ev['ppl']:.3f} (+{ev['ppl'] - fp_ppl:.3f})  kl {ev['kl']:.4f}  "
           f"top1 {ev['top1']:.4f}  {secs:.0f} s", flush=True)
     return {"setting": setting, "method": row, "bits": q["weights"]["bits"], "group_size": q["weights"]["group_size"],
@@ -169,6 +171,9 @@ def run_row(
             "data": "none" if row.startswith("rtn") else "self-generated (zero-shot)",
             "ppl": ev["ppl"], "dppl": ev["ppl"] - fp_ppl, "kl": ev["kl"], "top1": ev["top1"],
             "seconds": round(secs, 1), "peak_rss_mb": round(rss, 1),
+            # mean over the last quarter of the game: how hard its inputs still were for the student (the
+            # generator's ascent raises it; None without game steps)
+            "train_kl": statistics.fmean(kl[-max(1, len(kl) // 4):]) if kl else None,
             "sam_space": m.get("sam_space") if m["name"] != "rtn" and m["steps"] > 0 and m.get("rho", 0) > 0 else None,
             # the block warm-up as the row ran it (steps per decoder layer, lr and the margin its weights were moved
             # inside their bins: 0 in runs made before that option), None without one

@@ -14,7 +14,7 @@ label. A row whose block warm-up moved its weights inside their bins (``block_wa
 name does not say so gets `` margin=M``.
 
 Writes a ``quality``-style JSON (so ``bench/render.py`` shows it): one row per method with the mean
-of ``ppl``, ``dppl``, ``kl``, ``top1`` and ``seconds`` over seeds and ``per_seed`` (Δppl per seed),
+of ``ppl``, ``dppl``, ``kl``, ``top1``, ``seconds`` (and ``train_kl`` where every seed has it) over seeds and ``per_seed`` (Δppl per seed),
 and ``paired``: for every pair of methods, the mean difference of Δppl over the seeds they share and
 how many seeds the first one wins (ties count for neither) and the spread (``sd``) of the differences;
 its note lists the pairs with the default ``zsaq`` row (``--ref``: another row), each gap with its standard
@@ -108,6 +108,8 @@ def summarise(runs: list[Path], latent: set[Path], default_space: str) -> dict:
         for k in MEANS:
             row[k] = statistics.fmean(by_seed[s][k] for s in seeds)
         row["peak_rss_mb"] = max(by_seed[s]["peak_rss_mb"] for s in seeds)
+        if all(by_seed[s].get("train_kl") is not None for s in seeds):  # rows written since quality.py records it
+            row["train_kl"] = statistics.fmean(by_seed[s]["train_kl"] for s in seeds)
         row["per_seed"] = " / ".join(f"{s}: {by_seed[s]['dppl']:+.3f}" for s in seeds)
         row["seeds"] = {str(s): by_seed[s]["dppl"] for s in seeds}
         rows.append(row)

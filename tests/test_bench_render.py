@@ -168,13 +168,15 @@ def test_seeds_summarises_runs_per_method_with_where_sam_perturbed(tmp_path):
 
     old0 = _quality_run(tmp_path / "a0.json", None, [fp, row("zsaq", 3.4), row("zsaq rho=0", 3.3)])
     old1 = _quality_run(tmp_path / "a1.json", 1, [fp, row("zsaq", 3.2), row("zsaq rho=0", 3.3)])
-    new0 = _quality_run(tmp_path / "b0.json", 0, [fp, row("zsaq sam=quantized", 3.1)])
-    new1 = _quality_run(tmp_path / "b1.json", 1, [fp, row("zsaq", 3.0, sam_space="quantized")])
+    new0 = _quality_run(tmp_path / "b0.json", 0, [fp, row("zsaq sam=quantized", 3.1, train_kl=0.3)])
+    new1 = _quality_run(tmp_path / "b1.json", 1, [fp, row("zsaq", 3.0, sam_space="quantized", train_kl=0.2)])
     out = seeds.summarise([old0, old1, new0, new1], {old0, old1}, "quantized")
     by = {r["method"]: r for r in out["rows"]}
     assert set(by) == {"zsaq, SAM latent", "zsaq rho=0", "zsaq, SAM quantized"}
     assert by["zsaq, SAM latent"]["seeds"] == {"0": pytest.approx(3.4), "1": pytest.approx(3.2)}
     assert by["zsaq, SAM quantized"]["dppl"] == pytest.approx(3.05)
+    # the game's own KL is averaged where every seed recorded it, and left out where one did not
+    assert by["zsaq, SAM quantized"]["train_kl"] == pytest.approx(0.25) and "train_kl" not in by["zsaq rho=0"]
     assert by["zsaq rho=0"]["per_seed"] == "0: +3.300 / 1: +3.300"
     pair = next(p for p in out["paired"] if {p["a"], p["b"]} == {"zsaq, SAM quantized", "zsaq rho=0"})
     sign = 1 if pair["a"] == "zsaq, SAM quantized" else -1
