@@ -14,8 +14,8 @@ label. A row whose block warm-up moved its weights inside their bins (``block_wa
 name does not say so gets `` margin=M``.
 
 Writes a ``quality``-style JSON (so ``bench/render.py`` shows it): one row per method with the mean
-of ``ppl``, ``dppl``, ``kl``, ``top1``, ``seconds`` (and ``train_kl`` where every seed has it) over seeds and ``per_seed`` (Δppl per seed),
-and ``paired``: for every pair of methods, the mean difference of Δppl over the seeds they share and
+of ``ppl``, ``dppl``, ``kl``, ``top1``, ``seconds`` (and ``train_kl`` where every seed has it) over seeds
+and ``per_seed`` (Δppl per seed), and ``paired``: for every pair of methods, the mean difference of Δppl over the seeds they share and
 how many seeds the first one wins (ties count for neither) and the spread (``sd``) of the differences;
 its note lists the pairs with the default ``zsaq`` row (``--ref``: another row), each gap with its standard
 error. A PNG next to it shows each seed's Δppl and the mean per method.
