@@ -40,7 +40,7 @@ def held_out_kl(teacher, student, inp, clean: bool) -> float:
     for s in HELD_OUT:
         idx = batch_indices(s, m.batch_size)
         with torch.no_grad():
-            e = inp.seed_embeds(idx)
+            e = inp.seed_embeds(idx, s)
             x = e if clean else inp.generator(inp.noise(s, idx, STREAM_STUDENT, e), e)
             kls.append(student_loss(student, x, teacher_targets(teacher, x, m), m)[1]["kl"])
     return sum(kls) / len(kls)

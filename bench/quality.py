@@ -99,6 +99,12 @@ ROWS = {
                                      "method.generator.radius=0.3"],
     "zsaq block-warmup ascent=false radius=0.3": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
                                                   "method.generator.radius=0.3", "method.ascent=false"],
+    # the generator's ascent over the seed pool as well: after one pass in order, samples draw the sequences on
+    # which the student's KL was highest (method.generator.seed_hardness; ascent=false draws in order)
+    "zsaq block-warmup hard=1": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                 "method.generator.seed_hardness=1"],
+    "zsaq block-warmup hard=3": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                 "method.generator.seed_hardness=3"],
 }
 DEFAULT_ROWS = ["rtn", "noise", "self_sample", "zsaq", "zsaq rho=0", "zsaq ascent=false"]
 

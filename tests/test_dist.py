@@ -108,7 +108,8 @@ def _reference(root: Path, model_dir: str, sam_space: str = "latent", change=Non
     from zsaq_dist.io.export import export_checkpoint
     from zsaq_dist.minimax.trainer import train
 
-    cfg = _cfg(root, f"ref-{sam_space}" + ("-changed" if change else ""), model_dir, sam_space, launcher="local")
+    cfg = _cfg(root, f"ref-{sam_space}" + (f"-{change.__name__}" if change else ""), model_dir, sam_space,
+               launcher="local")
     cfg = change(cfg) if change else cfg
     teacher, tok = job.load_teacher(cfg, torch.device("cpu"))
     student = job.build_student(teacher, cfg)
@@ -409,3 +410,21 @@ def test_block_warmup_on_two_workers_matches_single_process_and_is_not_redone_on
         assert w["settled"] > 0 and g["settled"] == pytest.approx(w["settled"], rel=0.01)  # settled as one process
     _assert_same_tensors(_tensors(root / name), ref["tensors"], atol=1e-5)
     assert rep["history"]["loss"] == pytest.approx(ref["loss"], abs=1e-4)
+
+
+def _with_hard_seeds(cfg: Config) -> Config:
+    method = cfg.method.model_dump(mode="json")
+    return validate(cfg.model_dump(mode="json") | {"method": method | {
+        "generator": method["generator"] | {"seed_hardness": 50.0}}})  # sharp: a wrong KL state draws other rows
+
+
+def test_hard_seed_picks_on_two_workers_match_single_process_and_survive_a_kill(ray_local, root, model_dir, reference):
+    """``generator.seed_hardness``: ranks gather the global batch's KLs, so every rank draws the same sequences;
+    the picker's KLs are in the checkpoint, so a run killed after step 2 (whose draws use them) resumes as one."""
+    ref = _reference(root, model_dir, "latent", _with_hard_seeds)
+    assert ref["loss"][:2] == reference["loss"][:2] and ref["loss"][2:] != reference["loss"][2:]  # steps 2-3 drew
+    cfg = _with_hard_seeds(_cfg(root, "hard-z3", model_dir, num_workers=2, zero_stage=3, checkpoint_every=2,
+                                fail_at_step=3, max_failures=1))
+    rep = _run(ray_local, cfg)
+    assert rep["dist"]["resumed_from_step"] == 2
+    _assert_matches_reference(rep["history"], root / "hard-z3", ref)

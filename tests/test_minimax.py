@@ -317,3 +317,58 @@ def test_recompute_fake_quant_gives_the_same_gradients_and_keeps_less(act_bits):
     assert saved[1] < 0.5 * saved[0], saved
     with torch.no_grad():  # inference does not go through the checkpoint
         student(input_ids=x)
+
+
+def test_kl_per_sample_averages_to_the_batch_kl():
+    s, t = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
+    per = losses.kl_per_sample(s, t, tau=2.0)
+    assert per.shape == (3,) and not per.requires_grad
+    torch.testing.assert_close(per.mean(), losses.kl(s, t, tau=2.0))
+    torch.testing.assert_close(per[1], losses.kl(s[1:2], t[1:2], tau=2.0))
+
+
+def test_seed_picker_goes_in_order_then_draws_the_hard_sequences():
+    from zsaq_dist.minimax.trainer import SeedPicker
+
+    plain = SeedPicker(4, 0.0, seed=0)
+    assert plain.rows(7, range(6, 10)).tolist() == [2, 3, 0, 1]  # hardness 0: i mod N, as before
+    p = SeedPicker(4, 2.0, seed=0)
+    assert p.rows(0, range(0, 4)).tolist() == [0, 1, 2, 3]  # the first pass is in order
+    torch.testing.assert_close(p.weights(), torch.full((4,), 0.25, dtype=torch.float64))  # nothing seen yet
+    p.observe(torch.tensor([0, 1, 2]), torch.tensor([0.1, 0.2, 0.3]))
+    kl = torch.tensor([0.1, 0.2, 0.3, 0.3], dtype=torch.float64)  # sequence 3, unseen, counts as the hardest seen
+    torch.testing.assert_close(p.weights(), torch.softmax(2.0 * kl / kl.mean(), 0))
+    # a draw depends only on the state and (seed, step, i): how the batch is split does not matter
+    whole = p.rows(5, range(20, 24))
+    assert torch.equal(torch.cat([p.rows(5, range(20, 22)), p.rows(5, range(22, 24))]), whole)
+    assert torch.equal(SeedPicker(4, 2.0, seed=1).rows(5, range(20, 24)), SeedPicker(4, 2.0, seed=1).rows(5, range(20, 24)))
+    p.observe(torch.tensor([3]), torch.tensor([5.0]))  # one sequence far harder than the rest
+    assert (p.rows(6, range(24, 1024)) == 3).float().mean() > 0.9
+    q = SeedPicker(4, 2.0, seed=0)
+    q.load_state_dict(p.state_dict())
+    assert torch.equal(q.rows(9, range(36, 44)), p.rows(9, range(36, 44)))
+
+
+def test_the_game_trains_on_the_sequences_it_found_hard(tmp_path, monkeypatch):
+    """With ``seed_hardness`` the trainer records every sequence's KL and later steps draw from it; ascent=false does not."""
+    from zsaq_dist.minimax import trainer
+
+    asked, observed, pickers = [], [], []
+    rows, observe, init = trainer.SeedPicker.rows, trainer.SeedPicker.observe, trainer.SeedPicker.__init__
+    monkeypatch.setattr(trainer.SeedPicker, "__init__", lambda self, *a: (init(self, *a), pickers.append(self))[0])
+    monkeypatch.setattr(trainer.SeedPicker, "rows", lambda self, step, idx: asked.append(rows(self, step, idx)) or asked[-1])
+    monkeypatch.setattr(trainer.SeedPicker, "observe", lambda self, r, kl: (observed.append(kl), observe(self, r, kl))[1])
+    cfg = _cfg(tmp_path, steps=6, generator={"seed_hardness": 3.0})
+    teacher = make_tiny_llama(hidden=32)
+    hist = train(teacher, make_student(teacher, cfg.quant, True), None, cfg, progress=False)
+    picker = pickers[-1]
+    assert picker.hardness == 3.0 and not torch.isnan(picker.kl).any()  # every sequence measured
+    # each step asks for its rows three times (generator, student batch, observe): always the same ones
+    steps = [asked[3 * k].tolist() for k in range(6)]
+    assert all(torch.equal(asked[3 * k], asked[3 * k + j]) for k in range(6) for j in (1, 2))
+    assert steps[:2] == [[0, 1], [2, 3]] and steps[2:] != [[0, 1], [2, 3]] * 2  # in order, then drawn
+    # what it records is the student's KL on the batch it trained on, at w (the step's logged KL)
+    assert [kl.mean().item() for kl in observed] == pytest.approx(hist["kl"], rel=1e-5)
+    m = _cfg(tmp_path, ascent=False, generator={"seed_hardness": 3.0}).method
+    frozen = trainer.Inputs(teacher, "adversarial", m, torch.zeros(4, 8, dtype=torch.long))
+    assert frozen.picker.hardness == 0.0  # the ablation freezes the whole generator: in order

@@ -114,6 +114,12 @@ class GeneratorCfg(_Strict):
     lambda_gm: float = Field(0.0, ge=0.0, description="sharpness-aware data term: gradient match with a latent neighbour")
     lambda_div: float = Field(0.0, ge=0.0, description="diversity of the samples' gradients")
     rho_z: float = Field(0.05, ge=0.0, description="latent radius of the GM neighbour")
+    seed_hardness: float = Field(
+        0.0,
+        ge=0.0,
+        description="with ascent, after one pass over the seed pool each sample draws its seed sequence with "
+        "probability ~ exp(seed_hardness * KL_j / mean KL), KL_j the student's latest KL on it; 0: in order",
+    )
 
 
 class SeedDataCfg(_Strict):

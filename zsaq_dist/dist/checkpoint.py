@@ -6,7 +6,7 @@ directory in ``RunConfig.storage_path``. On restart, each rank reads that
 directory back from ``ray.train.get_checkpoint()``.
 
 Layout: ``student/`` (``engine.save_checkpoint``, tag ``ckpt``) and
-``zsaq_state.pt`` from rank 0 (generator, its optimizer and schedule, RNG,
+``zsaq_state.pt`` from rank 0 (generator, its optimizer and schedule, the seed picker's KLs, RNG,
 next step, config hash, worker count). A checkpoint whose config hash differs
 is refused.
 
@@ -50,6 +50,7 @@ def _state(game: DistGame, next_step: int, cfg_hash: str, history: dict) -> dict
         "g_opt": game.g_opt.state_dict() if game.g_opt is not None else None,
         "g_sched": game.g_sched.state_dict() if game.g_sched is not None else None,
         "rng": torch.get_rng_state(),
+        "picker": game.inp.picker.state_dict() if game.inp.picker is not None else None,
     }
 
 
@@ -80,6 +81,8 @@ def load(game: DistGame, cfg_hash: str, directory: str) -> tuple[int, dict | Non
         game.inp.generator.load_state_dict(state["generator"])
         game.g_opt.load_state_dict(state["g_opt"])
         game.g_sched.load_state_dict(state["g_sched"])
+    if state.get("picker") is not None:
+        game.inp.picker.load_state_dict(state["picker"])
     torch.set_rng_state(state["rng"])
     return int(state["next_step"]), state["history"]
 

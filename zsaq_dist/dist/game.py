@@ -57,6 +57,17 @@ def average_grads(params: list[nn.Parameter]) -> None:
             p.grad.div_(n)
 
 
+def gather_samples(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample values (B/N,) of every rank, concatenated in rank order: the global batch's (B,), on CPU."""
+    t = t.detach().to("cpu", torch.float64)
+    _, n = world()
+    if n == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(n)]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
+
+
 def average_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Mean of per-rank metrics over ranks (each rank's value is a mean over its equal-sized slice)."""
     _, n = world()
@@ -97,7 +108,7 @@ class DistGame:
     def generator_step(self, step: int, idx: range) -> dict[str, float]:
         """One ascent step of the replicated generator on this rank's slice, gradients averaged."""
         inp, m = self.inp, self.m
-        e = inp.seed_embeds(idx)
+        e = inp.seed_embeds(idx, step)
         z = inp.noise(step, idx, STREAM_GENERATOR, e)
         xi = inp.noise(step, idx, STREAM_GM, e) if m.generator.lambda_gm > 0 else None
 
@@ -119,8 +130,14 @@ class DistGame:
         lr = self.student.get_lr()[0]
         rho = rho_at(step, m.steps, m.rho, m.rho_final)
 
+        picker = self.inp.picker if self.inp.picker is not None and self.inp.picker.hardness > 0 else None
+        per_sample: list[torch.Tensor] | None = [] if picker is not None else None  # each sample's KL, for it
+
         def loss_fn():
-            return student_loss(self.student, x, target, m)
+            return student_loss(self.student, x, target, m, per_sample)
 
         metrics = sam_student_step(loss_fn, self.mech, rho, m.adaptive_sam, dsam.group(self.student))
+        if picker is not None:  # every rank records the whole global batch's KLs (at w, not at w + e)
+            idx_global = batch_indices(step, m.batch_size)
+            picker.observe(picker.rows(step, idx_global), gather_samples(per_sample[0]))
         return {**average_metrics(metrics), "rho": rho}, gen, lr  # rho: same on every rank, not averaged

@@ -30,8 +30,8 @@ from torch import nn
 
 from zsaq_dist.data.seed import sample_rng
 
-# independent noise streams of one (seed, step, sample)
-STREAM_STUDENT, STREAM_GENERATOR, STREAM_GM, STREAM_NOISE_INPUT = 1, 2, 3, 4
+# independent random streams of one (seed, step, sample); STREAM_PICK draws a hard seed sequence
+STREAM_STUDENT, STREAM_GENERATOR, STREAM_GM, STREAM_NOISE_INPUT, STREAM_PICK = 1, 2, 3, 4, 5
 
 
 def noise(

@@ -33,6 +33,14 @@ def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 
     return tau**2 * per_token.mean()
 
 
+@torch.no_grad()
+def kl_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """:func:`kl` of each sample alone (B,), no grad: the mean over samples is :func:`kl` (up to rounding)."""
+    s = F.log_softmax(_up(student_logits) / tau, dim=-1)
+    t = F.log_softmax(_up(teacher_logits) / tau, dim=-1)
+    return tau**2 * (t.exp() * (t - s)).sum(-1).mean(-1)
+
+
 def hidden_mse(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Mean squared error of the hidden states after each layer (entry 0, the inputs, is skipped)."""
     pairs = list(zip(student_hidden[1:], teacher_hidden[1:], strict=True))

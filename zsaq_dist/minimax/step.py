@@ -68,10 +68,17 @@ def teacher_targets(teacher: nn.Module, x: torch.Tensor, cfg: MethodCfg) -> Targ
     return run(teacher, x, hidden=cfg.lambda_hidden > 0)
 
 
-def student_loss(student: nn.Module, x: torch.Tensor, target: Targets, cfg: MethodCfg) -> tuple[torch.Tensor, dict]:
-    """The student's distillation loss on inputs ``x`` and its metrics (``kl``, ``hidden``)."""
+def student_loss(
+    student: nn.Module, x: torch.Tensor, target: Targets, cfg: MethodCfg, per_sample: list | None = None
+) -> tuple[torch.Tensor, dict]:
+    """The student's distillation loss on inputs ``x`` and its metrics (``kl``, ``hidden``).
+
+    ``per_sample``: if given, each sample's KL (B,) is appended to it (detached; for the seed picker).
+    """
     out = run(student, x, hidden=cfg.lambda_hidden > 0)
     kl = losses.kl(out.logits, target.logits, cfg.tau)
+    if per_sample is not None:
+        per_sample.append(losses.kl_per_sample(out.logits, target.logits, cfg.tau))
     loss, metrics = kl, {"kl": _item(kl)}
     if cfg.lambda_hidden > 0:
         mse = losses.hidden_mse(out.hidden, target.hidden)

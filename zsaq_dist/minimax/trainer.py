@@ -1,7 +1,8 @@
 """Single-process SAM-SGA trainer: ``train(teacher, student, tokenizer, cfg)`` and ``plot_history``.
 
 Student step ``k`` (of ``cfg.method.steps``) uses global samples ``[k*B, (k+1)*B)``;
-sample ``i`` takes seed sequence ``i mod num_sequences`` and noise seeded by
+sample ``i`` takes seed sequence ``i mod num_sequences`` (with ``generator.seed_hardness > 0``,
+after the first pass, one drawn by :class:`SeedPicker`) and noise seeded by
 ``(seed, stream, k, i)``. Before student steps ``k = 0, n, 2n, ...``
 (``n = student_steps_per_generator_step``) the generator takes one ascent step
 on fresh noise (another stream) with the student fixed, unless ``ascent: false``.
@@ -24,12 +25,13 @@ from torch import nn
 from tqdm import tqdm
 
 from zsaq_dist.config import Config, MethodCfg
-from zsaq_dist.data.seed import load_or_generate
+from zsaq_dist.data.seed import load_or_generate, sample_rng
 from zsaq_dist.errors import ConfigError
 from zsaq_dist.minimax.blockwise import block_warmup
 from zsaq_dist.minimax.generator import (
     STREAM_GENERATOR,
     STREAM_GM,
+    STREAM_PICK,
     STREAM_STUDENT,
     Generator,
     embedding_stats,
@@ -68,11 +70,58 @@ def batch_indices(step: int, batch_size: int) -> range:
     return range(step * batch_size, (step + 1) * batch_size)
 
 
+class SeedPicker:
+    """Which seed sequence each sample takes: ``i mod N`` in order, or, with ``hardness > 0``, the hard ones.
+
+    With ``hardness`` ``b > 0`` the first pass over the pool of ``N`` sequences goes in order (samples
+    ``i < N``); every later sample ``i`` draws sequence ``j`` with probability
+    ``q_j ~ exp(b * KL_j / mean_k KL_k)``, ``KL_j`` the student's KL on sequence ``j`` when it last trained
+    on it (:meth:`observe`; a sequence not yet seen counts as the hardest seen). The draw is seeded by
+    ``(seed, STREAM_PICK, step, i)``, so it depends only on the state and the global sample number.
+    This is the generator's move over the pool: the closed-form maximiser of ``E_q[KL] - (1/b) KL(q || u)``
+    over distributions ``q`` (with the ratio to the mean, ``b`` does not depend on the KL's scale).
+    """
+
+    def __init__(self, num_sequences: int, hardness: float, seed: int):
+        self.hardness, self.seed = hardness, seed
+        self.kl = torch.full((num_sequences,), float("nan"), dtype=torch.float64)
+
+    def weights(self) -> torch.Tensor:
+        """``q`` (N,), float64."""
+        seen = ~torch.isnan(self.kl)
+        if not seen.any():
+            return torch.full_like(self.kl, 1.0 / len(self.kl))
+        k = torch.where(seen, self.kl, self.kl[seen].max())
+        return torch.softmax(self.hardness * k / k.mean().clamp_min(1e-12), dim=0)
+
+    def rows(self, step: int, idx: range) -> torch.Tensor:
+        """The seed-sequence rows (B,) of samples ``idx`` at student step ``step``."""
+        n = len(self.kl)
+        if self.hardness == 0 or all(i < n for i in idx):
+            return torch.tensor([i % n for i in idx])
+        q = self.weights()
+        picks = [i if i < n else int(torch.multinomial(q, 1, generator=sample_rng(self.seed, STREAM_PICK, step, i)))
+                 for i in idx]
+        return torch.tensor(picks)
+
+    def observe(self, rows: torch.Tensor, kl: torch.Tensor) -> None:
+        """Record the student's KL (B,) on seed rows ``rows`` (B,); a row drawn twice keeps the last."""
+        self.kl[rows] = kl.detach().to("cpu", torch.float64)
+
+    def state_dict(self) -> dict:
+        return {"kl": self.kl.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kl.copy_(state["kl"])
+
+
 class Inputs:
     """Produces the inputs of each step for one mode (``adversarial``, ``self_sample``, ``noise``)."""
 
     def __init__(self, teacher: nn.Module, mode: str, cfg: MethodCfg, seed_ids: torch.Tensor | None):
         self.teacher, self.mode, self.cfg, self.seed_ids = teacher, mode, cfg, seed_ids
+        hard = cfg.generator.seed_hardness if mode == "adversarial" and cfg.ascent else 0.0
+        self.picker = SeedPicker(len(seed_ids), hard, cfg.seed) if seed_ids is not None else None
         self.stats = embedding_stats(teacher.get_input_embeddings().weight) if mode == "noise" else None
         dim = teacher.get_input_embeddings().embedding_dim
         g = cfg.generator
@@ -80,10 +129,9 @@ class Inputs:
         if self.generator is not None:
             self.generator.to(teacher.get_input_embeddings().weight.device)
 
-    def seed_embeds(self, idx: range) -> torch.Tensor:
-        """Teacher embeddings of the seed sequences of samples ``idx``: (B, T, D)."""
-        rows = torch.tensor([i % len(self.seed_ids) for i in idx])
-        return seed_embeddings(self.teacher, self.seed_ids[rows])
+    def seed_embeds(self, idx: range, step: int = 0) -> torch.Tensor:
+        """Teacher embeddings of the seed sequences of samples ``idx`` at student step ``step``: (B, T, D)."""
+        return seed_embeddings(self.teacher, self.seed_ids[self.picker.rows(step, idx)])
 
     def noise(self, step: int, idx: range, stream: int, like: torch.Tensor) -> torch.Tensor:
         """Generator noise (B, T, Dz) for ``(seed, stream, step, i)``."""
@@ -96,7 +144,7 @@ class Inputs:
         emb_dtype = self.teacher.get_input_embeddings().weight.dtype
         if self.mode == "noise":
             return noise_inputs(self.stats, self.cfg.seed, step, idx, self.cfg.seq_len).to(emb_dtype)
-        e = self.seed_embeds(idx)
+        e = self.seed_embeds(idx, step)
         if self.mode == "self_sample":
             return e
         return self.generator(self.noise(step, idx, STREAM_STUDENT, e), e)
@@ -145,7 +193,7 @@ class Game:
     def generator_step(self, step: int, idx: range) -> dict[str, float]:
         """One ascent step of the generator on fresh noise, the student fixed."""
         inp, m = self.inp, self.cfg
-        e = inp.seed_embeds(idx)
+        e = inp.seed_embeds(idx, step)
         z = inp.noise(step, idx, STREAM_GENERATOR, e)
         xi = inp.noise(step, idx, STREAM_GM, e) if m.generator.lambda_gm > 0 else None
 
@@ -166,10 +214,15 @@ class Game:
         lr = self.opt.param_groups[0]["lr"]
         rho = rho_at(step, m.steps, m.rho, m.rho_final)
 
+        picker = self.inp.picker if self.inp.picker is not None and self.inp.picker.hardness > 0 else None
+        per_sample: list[torch.Tensor] | None = [] if picker is not None else None  # each sample's KL, for it
+
         def loss_fn():
-            return student_loss(self.student, x, target, m)
+            return student_loss(self.student, x, target, m, per_sample)
 
         metrics = sam_student_step(loss_fn, self.mech, rho, m.adaptive_sam)
+        if picker is not None:
+            picker.observe(picker.rows(step, idx), per_sample[0])  # the KL at w, not at w + e
         return {**metrics, "rho": rho}, gen, lr
 
 
