@@ -25,20 +25,24 @@ def _up(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """``KL(p_T || p_S)`` per token (B, T), before the ``tau^2`` scale."""
+    s = F.log_softmax(_up(student_logits) / tau, dim=-1)
+    t = F.log_softmax(_up(teacher_logits) / tau, dim=-1)
+    return (t.exp() * (t - s)).sum(-1)
+
+
 def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """``tau^2 * KL(p_T || p_S)`` per token, mean over tokens; logits (B, T, V)."""
-    s = F.log_softmax(_up(student_logits) / tau, dim=-1)
-    t = F.log_softmax(_up(teacher_logits) / tau, dim=-1)
-    per_token = (t.exp() * (t - s)).sum(-1)  # (B, T)
-    return tau**2 * per_token.mean()
+    return tau**2 * _kl_per_token(student_logits, teacher_logits, tau).mean()
 
 
-@torch.no_grad()
-def kl_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """:func:`kl` of each sample alone (B,), no grad: the mean over samples is :func:`kl` (up to rounding)."""
-    s = F.log_softmax(_up(student_logits) / tau, dim=-1)
-    t = F.log_softmax(_up(teacher_logits) / tau, dim=-1)
-    return tau**2 * (t.exp() * (t - s)).sum(-1).mean(-1)
+def kl_with_per_sample(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`kl`, each sample's KL alone (B,), detached) from one softmax of the logits."""
+    per_token = _kl_per_token(student_logits, teacher_logits, tau)
+    return tau**2 * per_token.mean(), tau**2 * per_token.detach().mean(-1)
 
 
 def hidden_mse(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -76,9 +76,11 @@ def student_loss(
     ``per_sample``: if given, each sample's KL (B,) is appended to it (detached; for the seed picker).
     """
     out = run(student, x, hidden=cfg.lambda_hidden > 0)
-    kl = losses.kl(out.logits, target.logits, cfg.tau)
-    if per_sample is not None:
-        per_sample.append(losses.kl_per_sample(out.logits, target.logits, cfg.tau))
+    if per_sample is None:
+        kl = losses.kl(out.logits, target.logits, cfg.tau)
+    else:
+        kl, each = losses.kl_with_per_sample(out.logits, target.logits, cfg.tau)
+        per_sample.append(each)
     loss, metrics = kl, {"kl": _item(kl)}
     if cfg.lambda_hidden > 0:
         mse = losses.hidden_mse(out.hidden, target.hidden)
