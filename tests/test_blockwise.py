@@ -13,6 +13,8 @@ from zsaq_dist.config import QuantCfg, validate
 from zsaq_dist.errors import ConfigError
 from zsaq_dist.minimax.blockwise import (
     Batch,
+    Part,
+    block_warmup,
     capture_layer_inputs,
     decoder_layers,
     layer_loss,
@@ -194,6 +196,59 @@ def test_layer_loss_is_the_relative_squared_error():
         out = out[0] if isinstance(out, tuple) else out
         assert float(layer_loss(layers[0], b, out)) == 0.0
         assert float(layer_loss(layers[0], b, 2 * out)) == pytest.approx(0.25, rel=1e-6)
+
+
+def test_a_rank_takes_its_share_of_each_minibatch_and_a_stand_in_row_where_none_is_left():
+    ids = _ids(3)
+    shares = [Part(r, 2, lambda t: None).rows(ids) for r in range(2)]
+    assert torch.equal(torch.cat([s for s, _ in shares]), ids) and [w for _, w in shares] == [1.0, 1.0]
+    assert [len(s) for s, _ in shares] == [2, 1]
+    mine, weight = Part(1, 2, lambda t: None).rows(ids[2:])  # one row for two ranks
+    assert torch.equal(mine, ids[2:]) and weight == 0.0  # the same layer calls, nothing added to the sums
+
+
+def _dp_warmup(tmp_path, part: Part | None) -> dict:
+    """The warm-up of a seeded tiny model on 6 sequences in minibatches of 4 (the last one shorter than 3 ranks)."""
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, batch_size=4, block_warmup_margin=0.2)
+    teacher = freeze(make_tiny_llama(hidden=32, layers=3))
+    student = make_student(teacher, cfg.quant, True)
+    rec = block_warmup(teacher, student, _ids(6, seed=4), cfg.method, True, progress=False, part=part)
+    return {"record": rec, "state": student.state_dict()}
+
+
+def _dp_rank(rank: int, n: int, tmp: str) -> None:
+    """One spawned gloo rank of :func:`test_data_parallel_warmup_takes_the_single_processs_steps`."""
+    import pathlib
+
+    import torch.distributed as dist
+
+    tmp_path = pathlib.Path(tmp)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), n), rank=rank, world_size=n)
+    try:
+        got = _dp_warmup(tmp_path, Part(rank, n, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM)))
+        torch.save(got, tmp_path / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_warmup_takes_the_single_processs_steps(tmp_path):
+    """Three gloo ranks, each with its share of the rows (rank 2 a stand-in for the last, 2-row minibatch), sum
+    their errors and gradients: all end with the single process's weights and records, and with the same ones."""
+    import torch.multiprocessing as mp
+
+    ref = _dp_warmup(tmp_path, None)
+    mp.spawn(_dp_rank, args=(3, str(tmp_path)), nprocs=3)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
+    for other in ranks[1:]:  # every rank alike
+        assert all(torch.equal(v, other["state"][k]) for k, v in ranks[0]["state"].items())
+    for got in ranks:
+        assert got["record"]["workers"] == 3 and ref["record"]["workers"] == 1
+        for g, w in zip(got["record"]["layers"], ref["record"]["layers"], strict=True):
+            assert (g["loss_before"], g["loss_after"]) == pytest.approx((w["loss_before"], w["loss_after"]), rel=1e-5)
+            assert g["kept"] == w["kept"] and g["settled"] == w["settled"] > 0
+        for k, v in ref["state"].items():  # Adam divides a near-zero gradient by its own size: the sums' order shows
+            torch.testing.assert_close(got["state"][k], v, rtol=0, atol=1e-5, msg=k)
 
 
 def test_seeded_warmup_reproduces_exactly_and_composes_with_the_game(tmp_path):

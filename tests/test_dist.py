@@ -390,7 +390,8 @@ def _with_warmup(cfg: Config) -> Config:
 def test_block_warmup_on_two_workers_matches_single_process_and_is_not_redone_on_resume(
     ray_local, root, model_dir, reference_warmup, stage
 ):
-    """Every rank warms the same layers (rank 0's values kept); a run killed in the game resumes without redoing it."""
+    """The ranks warm each layer data-parallel, as one process (rank 0's values kept); a run killed in the game
+    resumes without redoing it."""
     from zsaq_dist.errors import ZsaqError
 
     ref = reference_warmup
@@ -402,6 +403,7 @@ def test_block_warmup_on_two_workers_matches_single_process_and_is_not_redone_on
     rep = _run(ray_local, _with_warmup(_cfg(root, name, model_dir, num_workers=2, zero_stage=stage,
                                             checkpoint_every=2)))
     assert rep["dist"]["resumed_from_step"] == 2
+    assert rep["history"]["block_warmup"]["workers"] == 2  # data-parallel: each rank ran half of every minibatch
     got, want = rep["history"]["block_warmup"]["layers"], ref["block_warmup"]["layers"]
     assert any(w["kept"] for w in want)
     for g, w in zip(got, want, strict=True):  # restored with the checkpoint's history: the warm-up ran once
@@ -410,6 +412,23 @@ def test_block_warmup_on_two_workers_matches_single_process_and_is_not_redone_on
         assert w["settled"] > 0 and g["settled"] == pytest.approx(w["settled"], rel=0.01)  # settled as one process
     _assert_same_tensors(_tensors(root / name), ref["tensors"], atol=1e-5)
     assert rep["history"]["loss"] == pytest.approx(ref["loss"], abs=1e-4)
+
+
+def _warmup_alone(cfg: Config) -> Config:
+    cfg = _with_warmup(cfg)
+    return validate(cfg.model_dump(mode="json") | {"method": cfg.method.model_dump(mode="json") | {"steps": 0}})
+
+
+def test_block_warmup_alone_on_two_workers_exports_the_single_process_student(ray_local, root, model_dir):
+    """``method.steps: 0`` (the warm-up alone, no game step) finishes on Ray and exports what one process does."""
+    ref = _reference(root, model_dir, "latent", _warmup_alone)
+    assert ref["loss"] == [] and any(r["kept"] for r in ref["block_warmup"]["layers"])
+    rep = _run(ray_local, _warmup_alone(_cfg(root, "warm-alone", model_dir, num_workers=2, zero_stage=3)))
+    assert rep["history"]["loss"] == [] and rep["history"]["block_warmup"]["workers"] == 2
+    got, want = rep["history"]["block_warmup"]["layers"], ref["block_warmup"]["layers"]
+    for g, w in zip(got, want, strict=True):
+        assert (g["loss_before"], g["loss_after"]) == pytest.approx((w["loss_before"], w["loss_after"]), abs=1e-6)
+    _assert_same_tensors(_tensors(root / "warm-alone"), ref["tensors"], atol=1e-5)
 
 
 def _with_hard_seeds(cfg: Config) -> Config:

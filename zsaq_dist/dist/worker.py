@@ -27,7 +27,7 @@ from zsaq_dist.dist import sam as dsam
 from zsaq_dist.dist.engines import all_gather, broadcast, setup_comm, teacher_engine, world
 from zsaq_dist.dist.export import export_parallel
 from zsaq_dist.dist.game import DistGame
-from zsaq_dist.minimax.blockwise import block_warmup
+from zsaq_dist.minimax.blockwise import Part, block_warmup
 from zsaq_dist.minimax.trainer import Inputs, new_history, record_step, load_seed_ids, resolve_mode
 
 log = logging.getLogger("zsaq.dist")
@@ -74,17 +74,21 @@ def _inputs(teacher, tokenizer, cfg: Config) -> Inputs:
 
 
 def _block_warmup(teacher, student, inp: Inputs, cfg: Config) -> dict[str, Any]:
-    """The block warm-up on every rank alike (:func:`zsaq_dist.minimax.blockwise.block_warmup`); rank 0's result is kept.
+    """The block warm-up, data-parallel over the ranks (:func:`zsaq_dist.minimax.blockwise.block_warmup`).
 
-    Every rank runs the same teacher layer calls (collectives under ZeRO-3) on all seed sequences and
-    trains the same student layer; a ZeRO-3 student's layer is gathered for it and re-partitioned from
+    Each rank runs its share of every minibatch's rows through the teacher's layers (collectives under
+    ZeRO-3: every rank makes the same calls) and the student layer; the squared errors and the gradients
+    are summed over the ranks (:class:`~zsaq_dist.minimax.blockwise.Part`), so every rank takes the
+    single process's steps. A ZeRO-3 student's layer is gathered for its turn and re-partitioned from
     rank 0's values, a replicated one (stages 0-2) is broadcast from rank 0 after each layer, so the
     engines start from identical weights whatever the hardware's nondeterminism.
     """
     import torch.distributed as tdist
 
     rank, n = world()
-    layer_ctx = sync = None
+    layer_ctx = sync = part = None
+    if n > 1:
+        part = Part(rank, n, lambda t: tdist.all_reduce(t, op=tdist.ReduceOp.SUM))
     if dload.is_partitioned(next(student.parameters())):
         layer_ctx = lambda layer: dload.gathered_for_writing(list(layer.parameters()))  # noqa: E731
     elif n > 1:
@@ -99,7 +103,7 @@ def _block_warmup(teacher, student, inp: Inputs, cfg: Config) -> dict[str, Any]:
                      row["loss_after"], "" if row["kept"] else ", worse: put back", row["seconds"])
 
     m = cfg.method
-    return block_warmup(teacher, student, inp.seed_ids, m, m.learnable_scales, False, on_layer, layer_ctx, sync)
+    return block_warmup(teacher, student, inp.seed_ids, m, m.learnable_scales, False, on_layer, layer_ctx, sync, part)
 
 
 def _train(game: DistGame, cfg: Config, start: int, hist: dict | None, warmup: dict | None) -> dict[str, Any]:
@@ -182,5 +186,6 @@ def train_loop(config: dict[str, Any]) -> None:
     curves = job.curves_png(report.get("history", {})) if world()[0] == 0 else {}
     export_parallel(game.student.module, tokenizer, cfg, report, extra_files=curves)
     report["export_seconds"] = round(time.perf_counter() - t1, 2)
-    final = {"done": 1.0, "loss": report.get("history", {}).get("loss", [None])[-1] or 0.0}
+    losses = report.get("history", {}).get("loss") or [None]  # none: no game step (rtn, or the warm-up alone)
+    final = {"done": 1.0, "loss": losses[-1] or 0.0}
     ray.train.report(final)

@@ -12,6 +12,12 @@ layer also absorbs the error its predecessors left (as GPTQ does with quantized 
 layer starts. Only the layer's QuantLinear weights (and trainable scales) move; the teacher,
 the embeddings and the norms do not.
 
+Data-parallel on several workers (:class:`Part`): each minibatch's rows are split over the ranks,
+each rank keeps its rows' hidden states only, the squared errors' sums and the gradients are
+summed over the ranks, and every rank takes the same step. The minibatches, the loss and the
+steps are the single process's; only the floating-point order of the sums differs. The work and
+the memory per rank fall with the number of ranks instead of being repeated on every one.
+
 The hidden states entering layer 0 and the keyword arguments every layer receives (rotary
 position embeddings, the attention mask) are taken from one ordinary teacher forward per
 minibatch through a forward pre-hook on layer 0, so any decoder stack transformers builds
@@ -23,6 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -53,12 +60,32 @@ def _hidden(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-class Batch:
-    """One minibatch of the warm-up: its hidden-state streams and the keyword arguments of every layer."""
+@dataclass(frozen=True)
+class Part:
+    """This rank's share of a data-parallel warm-up: ``rank`` of ``size``, and an in-place sum over the ranks."""
 
-    def __init__(self, h: torch.Tensor, kwargs: dict):
+    rank: int
+    size: int
+    all_reduce: Callable[[torch.Tensor], None]
+
+    def rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """This rank's rows of one minibatch ``ids`` and their weight in the sums.
+
+        A rank left without a row (a minibatch shorter than the number of ranks) runs the first row
+        with weight 0: every rank makes the same layer calls, which a ZeRO-3 teacher's gathers need.
+        """
+        mine = torch.tensor_split(ids, self.size)[self.rank]
+        return (mine, 1.0) if len(mine) else (ids[:1], 0.0)
+
+
+class Batch:
+    """One minibatch of the warm-up: its hidden-state streams, the keyword arguments of every layer, and
+    the weight of its squared errors (1; 0 for a rank's stand-in row, :meth:`Part.rows`)."""
+
+    def __init__(self, h: torch.Tensor, kwargs: dict, weight: float = 1.0):
         self.h_teacher = self.h_student = h  # never changed in place: each layer assigns new tensors
         self.kwargs = kwargs
+        self.weight = weight
 
 
 @torch.no_grad()
@@ -79,10 +106,29 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, x: torch.Tenso
     return got["h"], got["kwargs"]
 
 
-def layer_loss(student_layer: nn.Module, batch: Batch, target: torch.Tensor) -> torch.Tensor:
-    """Relative squared error of the student layer's output against the teacher's (one minibatch)."""
+def squared_error(student_layer: nn.Module, batch: Batch, target: torch.Tensor) -> torch.Tensor:
+    """The student layer's squared error against the teacher's output, summed over the batch's rows (weighted)."""
     out = _hidden(student_layer(batch.h_student, **batch.kwargs))
-    return (out - target).float().pow(2).sum() / target.float().pow(2).sum()
+    return (out - target).float().pow(2).sum() * batch.weight
+
+
+def target_norms(batches: list[Batch], targets: list[torch.Tensor], part: Part | None = None) -> torch.Tensor:
+    """Each minibatch's ``||T_l(h_T)||^2`` (len(batches),), summed over the ranks: the loss's denominators."""
+    norms = torch.stack([t.float().pow(2).sum() * b.weight for b, t in zip(batches, targets, strict=True)])
+    if part is not None:
+        part.all_reduce(norms)
+    return norms
+
+
+def layer_loss(student_layer: nn.Module, batch: Batch, target: torch.Tensor, norm: torch.Tensor | None = None):
+    """Relative squared error of the student layer's output against the teacher's (one minibatch).
+
+    ``norm``: the minibatch's ``||T_l(h_T)||^2`` over all ranks (:func:`target_norms`); default: this
+    rank's own, which is the whole minibatch's in one process.
+    """
+    if norm is None:
+        norm = target.float().pow(2).sum() * batch.weight
+    return squared_error(student_layer, batch, target) / norm
 
 
 def _layer_params(layer: nn.Module, learnable_scales: bool) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -90,13 +136,24 @@ def _layer_params(layer: nn.Module, learnable_scales: bool) -> tuple[list[nn.Par
     return weights, scales if learnable_scales else []
 
 
-def _mean_loss(layer: nn.Module, batches: list[Batch], targets: list[torch.Tensor]) -> float:
+def _mean_loss(
+    layer: nn.Module, batches: list[Batch], targets: list[torch.Tensor], norms: torch.Tensor, part: Part | None
+) -> float:
+    """The layer's loss averaged over the minibatches (every rank gets the same value)."""
     with torch.no_grad():
-        return sum(float(layer_loss(layer, b, t)) for b, t in zip(batches, targets, strict=True)) / len(batches)
+        errors = torch.stack([squared_error(layer, b, t) for b, t in zip(batches, targets, strict=True)])
+    if part is not None:
+        part.all_reduce(errors)
+    return sum(float(e / n) for e, n in zip(errors, norms, strict=True)) / len(batches)
 
 
 def warm_layer(
-    s_layer: nn.Module, batches: list[Batch], targets: list[torch.Tensor], m: MethodCfg, learnable_scales: bool
+    s_layer: nn.Module,
+    batches: list[Batch],
+    targets: list[torch.Tensor],
+    m: MethodCfg,
+    learnable_scales: bool,
+    part: Part | None = None,
 ) -> dict[str, float]:
     """``m.block_warmup_steps`` AdamW steps of one student layer; minibatch ``k mod len(batches)`` at step ``k``.
 
@@ -108,9 +165,13 @@ def warm_layer(
     weight by about ``lr`` whatever its gradient, so every weight that close to an edge and pushed toward
     it flips a whole quantization step at once; on the demo model that undid the warm-up
     (``bench/warmup_edges.py``).
+
+    With ``part``, ``batches`` hold this rank's rows: the gradients are summed over the ranks before
+    each step, so every rank steps alike.
     """
     weights, scales = _layer_params(s_layer, learnable_scales)
-    before = _mean_loss(s_layer, batches, targets)
+    norms = target_norms(batches, targets, part)
+    before = _mean_loss(s_layer, batches, targets, norms, part)
     params = weights + scales
     start = [p.detach().clone() for p in params]
     groups = [{"params": weights, "lr": m.block_warmup_lr, "weight_decay": 0.0}]
@@ -120,14 +181,18 @@ def warm_layer(
     sched = make_scheduler(opt, m.block_warmup_steps, 0, "cosine")
     for k in range(m.block_warmup_steps):
         b = k % len(batches)
-        loss = layer_loss(s_layer, batches[b], targets[b])
+        loss = layer_loss(s_layer, batches[b], targets[b], norms[b])
         loss.backward(inputs=params)
+        if part is not None:
+            for p in params:
+                if p.grad is not None:
+                    part.all_reduce(p.grad)
         if m.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, m.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    after = _mean_loss(s_layer, batches, targets)
+    after = _mean_loss(s_layer, batches, targets, norms, part)
     if after > before:
         with torch.no_grad():
             for p, p0 in zip(params, start, strict=True):
@@ -146,6 +211,7 @@ def block_warmup(
     on_layer: Callable[[int, dict], None] | None = None,
     layer_ctx: Callable[[nn.Module], AbstractContextManager] | None = None,
     sync: Callable[[nn.Module], None] | None = None,
+    part: Part | None = None,
 ) -> dict:
     """Warm every decoder layer of ``student`` that holds a QuantLinear in turn; return the per-layer record.
 
@@ -156,15 +222,24 @@ def block_warmup(
     parameters through its own hooks (every rank runs the same calls); ``layer_ctx(student_layer)``
     is entered around each student layer's turn (a ZeRO-3 student: gathered, rank 0's values kept)
     and ``sync(student_layer)`` runs at its end (a replicated student: rank 0's values broadcast).
+    With ``part`` the warm-up is data-parallel (module docstring): each rank holds and runs its share
+    of every minibatch only.
     """
     t0 = time.perf_counter()
     name, t_layers = decoder_layers(teacher)
     s_layers = student.get_submodule(name)
     batches = []
     for i in range(0, len(seed_ids), m.batch_size):
-        x = seed_embeddings(teacher, seed_ids[i : i + m.batch_size])
-        batches.append(Batch(*capture_layer_inputs(teacher, t_layers, x)))
-    record = {"steps_per_layer": m.block_warmup_steps, "lr": m.block_warmup_lr, "layers": []}
+        rows = seed_ids[i : i + m.batch_size]
+        ids, weight = part.rows(rows) if part is not None else (rows, 1.0)
+        x = seed_embeddings(teacher, ids)
+        batches.append(Batch(*capture_layer_inputs(teacher, t_layers, x), weight))
+    record = {
+        "steps_per_layer": m.block_warmup_steps,
+        "lr": m.block_warmup_lr,
+        "layers": [],
+        "workers": part.size if part is not None else 1,
+    }
     bar = tqdm(range(len(t_layers)), disable=not progress, desc="block warm-up", dynamic_ncols=True)
     for i in bar:
         t1 = time.perf_counter()
@@ -173,7 +248,7 @@ def block_warmup(
         row = {"layer": i}
         with layer_ctx(s_layers[i]) if layer_ctx is not None else nullcontext():
             if any(True for _ in quant_modules(s_layers[i])):
-                row |= warm_layer(s_layers[i], batches, targets, m, learnable_scales)
+                row |= warm_layer(s_layers[i], batches, targets, m, learnable_scales, part)
                 bar.set_postfix(before=f"{row['loss_before']:.4f}", after=f"{row['loss_after']:.4f}")
                 if sync is not None:
                     sync(s_layers[i])
