@@ -15,8 +15,9 @@ the embeddings and the norms do not.
 Data-parallel on several workers (:class:`Part`): each minibatch's rows are split over the ranks,
 each rank keeps its rows' hidden states only, the squared errors' sums and the gradients are
 summed over the ranks, and every rank takes the same step. The minibatches, the loss and the
-steps are the single process's; only the floating-point order of the sums differs. The work and
-the memory per rank fall with the number of ranks instead of being repeated on every one.
+steps are the single process's; only the floating-point order of the sums differs. The work on
+the tokens and the hidden states held fall with the number of ranks instead of being repeated on
+every one; the weight-sized work of each step (fake quantization, AdamW) is still every rank's.
 
 The hidden states entering layer 0 and the keyword arguments every layer receives (rotary
 position embeddings, the attention mask) are taken from one ordinary teacher forward per
