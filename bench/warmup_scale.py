@@ -2,6 +2,7 @@
 
     python bench/warmup_scale.py          # -> bench/results/warmup_scale.json + warmup_scale.png
     python bench/warmup_scale.py --workers 1 2 --stage 0
+    python bench/warmup_scale.py --workers 1 2 4 --gpu --out bench/results/warmup_scale_gpu.json   # on GPUs
     python bench/warmup_scale.py --table bench/results/warmup_scale.json   # its Markdown table again
 
 Each worker count runs ``zsaq quantize configs/bench-quality.yaml`` with the warm-up alone (``method.steps=0``,
@@ -35,7 +36,7 @@ from pathlib import Path
 import _probe  # bench/_probe.py, beside this script
 
 
-def _run(workers: int, stage: int, symmetric: bool, out: Path) -> dict:
+def _run(workers: int, stage: int, symmetric: bool, gpu: bool, out: Path) -> dict:
     from zsaq_dist.io.demo import fetch_demo_model
 
     sets = {
@@ -48,6 +49,7 @@ def _run(workers: int, stage: int, symmetric: bool, out: Path) -> dict:
         "dist.launcher": "ray",
         "dist.num_workers": str(workers),
         "dist.zero_stage": str(stage),
+        "dist.use_gpu": str(gpu).lower(),
         "output.dir": str(out),
     }
     cmd = ["zsaq", "quantize", str(_probe.ROOT / "configs" / "bench-quality.yaml")]
@@ -139,7 +141,7 @@ def measure(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="zsaq-warmup-scale-") as tmp:
         ref = None
         for w in args.workers:
-            row = _run(w, args.stage, args.symmetric, Path(tmp) / f"w{w}")
+            row = _run(w, args.stage, args.symmetric, args.gpu, Path(tmp) / f"w{w}")
             tensors = _tensors(Path(tmp) / f"w{w}")
             ref = ref if ref is not None else (w, tensors)
             row["vs_workers"] = ref[0]
@@ -188,7 +190,7 @@ def plot(result: dict, path: Path) -> None:
     ax.bar([str(r["workers"]) for r in rows], [r["warmup_seconds"] for r in rows], color="tab:blue")
     for i, r in enumerate(rows):
         ax.text(i, r["warmup_seconds"], f"{r['speedup']}x", ha="center", va="bottom")
-    ax.set_xlabel("Ray workers (1 thread each)")
+    ax.set_xlabel("Ray workers" + ("" if result["args"].get("gpu") else " (1 thread each)"))
     ax.set_ylabel("block warm-up, seconds")
     ax.set_title(f"Block warm-up, demo model, ZeRO-{result['stage']}")
     fig.tight_layout()
@@ -200,4 +202,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--stage", type=int, default=3, choices=[0, 1, 2, 3])
+    p.add_argument(
+        "--gpu", action="store_true", help="one GPU per worker, nccl (dist.use_gpu); the noise floor stays on CPU"
+    )
     _probe.main(p, "warmup_scale", measure, table, plot)
