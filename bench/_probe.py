@@ -37,6 +37,13 @@ def demo_config(symmetric: bool, overrides: list[str]):
     return load_config(ROOT / "configs" / "bench-quality.yaml", base + overrides)
 
 
+def _accelerator() -> str:
+    """The first GPU's name where torch sees one (a probe's Ray workers may use it), else "cpu"."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
 def main(
     p: argparse.ArgumentParser,
     name: str,
@@ -56,7 +63,7 @@ def main(
     if (err := check(args)) is not None:
         p.error(err)
     result = {
-        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus, cpu)",
+        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus, {_accelerator()})",
         "date": dt.date.today().isoformat(),
         "command": shlex.join(["python", f"bench/{name}.py", *sys.argv[1:]]),
         "setting": f"w4g64-{'sym' if args.symmetric else 'asym'}",
