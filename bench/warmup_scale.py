@@ -99,8 +99,7 @@ def noise_floor(symmetric: bool) -> dict:
     import torch
 
     from zsaq_dist.job import build_student, load_teacher
-    from zsaq_dist.minimax.blockwise import Batch, _hidden, capture_layer_inputs, decoder_layers, warm_layer
-    from zsaq_dist.minimax.step import seed_embeddings
+    from zsaq_dist.minimax.blockwise import decoder_layers, layer_targets, seed_batches, warm_layer
     from zsaq_dist.minimax.student import freeze
     from zsaq_dist.minimax.trainer import load_seed_ids
 
@@ -113,12 +112,8 @@ def noise_floor(symmetric: bool) -> dict:
     ids = load_seed_ids(teacher, None, tok, m)
     _, t_layers = decoder_layers(teacher)
     _, s_layers = decoder_layers(student)
-    batches, targets = [], []
-    for i in range(0, len(ids), m.batch_size):
-        b = Batch(*capture_layer_inputs(teacher, t_layers, seed_embeddings(teacher, ids[i : i + m.batch_size])))
-        with torch.no_grad():
-            targets.append(_hidden(t_layers[0](b.h_teacher, **b.kwargs)))
-        batches.append(b)
+    batches = seed_batches(teacher, t_layers, ids, m.batch_size)
+    targets = layer_targets(t_layers[0], batches)
     runs = []
     for eps in (0.0, 1e-7):
         layer = copy.deepcopy(s_layers[0])

@@ -121,6 +121,24 @@ def target_norms(batches: list[Batch], targets: list[torch.Tensor], part: Part |
     return norms
 
 
+def seed_batches(
+    teacher: nn.Module, t_layers: nn.ModuleList, seed_ids: torch.Tensor, batch_size: int, part: Part | None = None
+) -> list[Batch]:
+    """The warm-up's minibatches of ``seed_ids``, ``batch_size`` rows each in order (this rank's share with ``part``)."""
+    batches = []
+    for i in range(0, len(seed_ids), batch_size):
+        rows = seed_ids[i : i + batch_size]
+        ids, weight = part.rows(rows) if part is not None else (rows, 1.0)
+        batches.append(Batch(*capture_layer_inputs(teacher, t_layers, seed_embeddings(teacher, ids)), weight))
+    return batches
+
+
+@torch.no_grad()
+def layer_targets(t_layer: nn.Module, batches: list[Batch]) -> list[torch.Tensor]:
+    """The teacher layer's output on each minibatch's teacher stream: what the student layer is trained to give."""
+    return [_hidden(t_layer(b.h_teacher, **b.kwargs)) for b in batches]
+
+
 def layer_loss(student_layer: nn.Module, batch: Batch, target: torch.Tensor, norm: torch.Tensor | None = None):
     """Relative squared error of the student layer's output against the teacher's (one minibatch).
 
@@ -236,12 +254,7 @@ def block_warmup(
     t0 = time.perf_counter()
     name, t_layers = decoder_layers(teacher)
     s_layers = student.get_submodule(name)
-    batches = []
-    for i in range(0, len(seed_ids), m.batch_size):
-        rows = seed_ids[i : i + m.batch_size]
-        ids, weight = part.rows(rows) if part is not None else (rows, 1.0)
-        x = seed_embeddings(teacher, ids)
-        batches.append(Batch(*capture_layer_inputs(teacher, t_layers, x), weight))
+    batches = seed_batches(teacher, t_layers, seed_ids, m.batch_size, part)
     record = {
         "steps_per_layer": m.block_warmup_steps,
         "lr": m.block_warmup_lr,
@@ -251,8 +264,7 @@ def block_warmup(
     bar = tqdm(range(len(t_layers)), disable=not progress, desc="block warm-up", dynamic_ncols=True)
     for i in bar:
         t1 = time.perf_counter()
-        with torch.no_grad():
-            targets = [_hidden(t_layers[i](b.h_teacher, **b.kwargs)) for b in batches]
+        targets = layer_targets(t_layers[i], batches)
         row = {"layer": i}
         with layer_ctx(s_layers[i]) if layer_ctx is not None else nullcontext():
             if any(True for _ in quant_modules(s_layers[i])):
