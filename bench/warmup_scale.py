@@ -134,14 +134,14 @@ def noise_floor(symmetric: bool) -> dict:
 def measure(args: argparse.Namespace) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="zsaq-warmup-scale-") as tmp:
-        ref = None
+        first = None  # (row, tensors) of the first worker count: what the others are compared with
         for w in args.workers:
             row = _run(w, args.stage, args.symmetric, args.gpu, Path(tmp) / f"w{w}")
             tensors = _tensors(Path(tmp) / f"w{w}")
-            ref = ref if ref is not None else (w, tensors)
-            row["vs_workers"] = ref[0]
-            row |= _diff(ref[1], tensors)
-            base = rows[0]["loss_after"] if rows else row["loss_after"]
+            first = first or (row, tensors)
+            row["vs_workers"] = first[0]["workers"]
+            row |= _diff(first[1], tensors)
+            base = first[0]["loss_after"]
             row["max_rel_loss_diff"] = max(abs(a - b) / b for a, b in zip(row["loss_after"], base, strict=True))
             rows.append(row)
             print(f"{w} workers: warm-up {row['warmup_seconds']} s", flush=True)
