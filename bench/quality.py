@@ -105,6 +105,12 @@ ROWS = {
                                  "method.generator.seed_hardness=1"],
     "zsaq block-warmup hard=3": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
                                  "method.generator.seed_hardness=3"],
+    # half of each student batch the seed sequences as they are, half the generator's inputs (clean + adversarial,
+    # as in adversarial training), with and without the ascent
+    "zsaq block-warmup clean=0.5": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                    "method.generator.clean_fraction=0.5"],
+    "zsaq block-warmup ascent=false clean=0.5": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                                 "method.generator.clean_fraction=0.5", "method.ascent=false"],
 }
 DEFAULT_ROWS = ["rtn", "noise", "self_sample", "zsaq", "zsaq rho=0", "zsaq ascent=false"]
 

@@ -372,3 +372,21 @@ def test_the_game_trains_on_the_sequences_it_found_hard(tmp_path, monkeypatch):
     m = _cfg(tmp_path, ascent=False, generator={"seed_hardness": 3.0}).method
     frozen = trainer.Inputs(teacher, "adversarial", m, torch.zeros(4, 8, dtype=torch.long))
     assert frozen.picker.hardness == 0.0  # the ablation freezes the whole generator: in order
+
+
+@pytest.mark.parametrize("fraction,clean", [(0.0, []), (0.5, [1, 3, 5]), (0.25, [3]), (1.0, [0, 1, 2, 3, 4, 5])])
+def test_clean_fraction_feeds_that_share_of_samples_the_seed_embeddings(fraction, clean):
+    from zsaq_dist.minimax.trainer import Inputs, clean_samples
+
+    teacher = freeze(make_tiny_llama(hidden=32))
+    ids = torch.randint(0, 128, (6, 8), generator=torch.Generator().manual_seed(1))
+    cfg = MethodCfg.model_validate({"seq_len": 8, "generator": {"noise_dim": 8, "hidden_dim": 16, "clean_fraction": fraction}})
+    torch.manual_seed(0)
+    inp = Inputs(teacher, "adversarial", cfg, ids)
+    idx = range(6)
+    x, e = inp.student_batch(2, idx), inp.seed_embeds(idx, 2)
+    assert clean_samples(idx, fraction).nonzero().flatten().tolist() == clean
+    assert [i for i in idx if torch.equal(x[i], e[i])] == clean  # the others are the generator's (radius > 0)
+    # by global sample number: a worker's share of the batch is the same rows of the whole batch
+    assert torch.equal(inp.student_batch(2, range(3, 6)), x[3:])
+    assert clean_samples(range(100), 0.3).sum() == 30

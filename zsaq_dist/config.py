@@ -114,6 +114,13 @@ class GeneratorCfg(_Strict):
     lambda_gm: float = Field(0.0, ge=0.0, description="sharpness-aware data term: gradient match with a latent neighbour")
     lambda_div: float = Field(0.0, ge=0.0, description="diversity of the samples' gradients")
     rho_z: float = Field(0.05, ge=0.0, description="latent radius of the GM neighbour")
+    clean_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of each student batch fed the seed sequences' embeddings as they are (chosen by global "
+        "sample number), the rest the generator's inputs; 0: all from the generator, 1: as self_sample",
+    )
     seed_hardness: float = Field(
         0.0,
         ge=0.0,

@@ -6,8 +6,9 @@ after the first pass, one drawn by :class:`SeedPicker`) and noise seeded by
 ``(seed, stream, k, i)``. Before student steps ``k = 0, n, 2n, ...``
 (``n = student_steps_per_generator_step``) the generator takes one ascent step
 on fresh noise (another stream) with the student fixed, unless ``ascent: false``.
-Modes ``self_sample`` and ``noise`` feed seed embeddings or random embeddings
-and have no generator. Step ``k`` runs SAM at radius ``rho_at(k, steps, rho, rho_final)``
+With ``generator.clean_fraction = f`` that share of the student's samples (:func:`clean_samples`)
+takes the seed embeddings unperturbed. Modes ``self_sample`` and ``noise`` feed seed embeddings or
+random embeddings and have no generator. Step ``k`` runs SAM at radius ``rho_at(k, steps, rho, rho_final)``
 (recorded as ``rho``); with ``scales_only_steps = K`` the weights' lr is 0 for steps ``< K``
 (:func:`zsaq_dist.minimax.student.make_student_scheduler`), ``dist.game`` does the same.
 With ``block_warmup_steps > 0`` the student's decoder layers are first warmed one by one on the
@@ -68,6 +69,13 @@ def generator_optimizer(generator: nn.Module, m: MethodCfg) -> tuple[torch.optim
 def batch_indices(step: int, batch_size: int) -> range:
     """Global sample numbers of student step ``step``."""
     return range(step * batch_size, (step + 1) * batch_size)
+
+
+def clean_samples(idx: range, fraction: float) -> torch.Tensor:
+    """Which samples of ``idx`` (bool, (B,)) take their seed embeddings unperturbed: sample ``i`` does when
+    ``floor((i + 1) * fraction) > floor(i * fraction)``, so a ``fraction`` of every run of samples does,
+    spread evenly and by global sample number (the same on any split of the batch over workers)."""
+    return torch.tensor([math.floor((i + 1) * fraction) > math.floor(i * fraction) for i in idx], dtype=torch.bool)
 
 
 class SeedPicker:
@@ -147,7 +155,9 @@ class Inputs:
         e = self.seed_embeds(idx, step)
         if self.mode == "self_sample":
             return e
-        return self.generator(self.noise(step, idx, STREAM_STUDENT, e), e)
+        x = self.generator(self.noise(step, idx, STREAM_STUDENT, e), e)
+        keep = clean_samples(idx, self.cfg.generator.clean_fraction)
+        return torch.where(keep.to(x.device).view(-1, 1, 1), e, x) if keep.any() else x
 
 
 def new_history() -> dict[str, list]:
