@@ -304,6 +304,20 @@ def test_existing_output_fails_before_ray_starts(tmp_path, monkeypatch):
         driver.run(_cfg(tmp_path, "out", "unused", num_workers=2))
 
 
+def test_embedded_workers_share_out_the_cores(tmp_path, monkeypatch):
+    from zsaq_dist.dist import driver
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(driver, "usable_cpus", lambda: 8)
+    threads = lambda **dist: driver._worker_env(_cfg(tmp_path, "out", "unused", **dist))["OMP_NUM_THREADS"]  # noqa: E731
+    assert threads(num_workers=1) == "8"  # one worker takes every core, as --local does
+    assert threads(num_workers=3) == "2"
+    assert threads(num_workers=16) == "1"
+    assert threads(num_workers=2, resources_per_worker={"CPU": 3}) == "3"  # what each worker asked for
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert threads(num_workers=1) == "5"  # the user's setting wins
+
+
 def test_global_batch_must_split_over_workers(tmp_path):
     from zsaq_dist.dist.engines import micro_batch
     from zsaq_dist.errors import ConfigError

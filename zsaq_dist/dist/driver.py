@@ -28,8 +28,27 @@ def storage_path(cfg: Config) -> str:
     return os.path.abspath(cfg.output.dir.rstrip("/") + ".ray")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers narrow), else ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def worker_threads(cfg: Config) -> int:
+    """Torch threads of each worker of embedded Ray where ``OMP_NUM_THREADS`` is not set: the CPUs each worker
+    asks for in ``dist.resources_per_worker``, else this machine's cores shared out over the workers (so one
+    worker on a laptop takes every core, as ``--local`` does)."""
+    asked = (cfg.dist.resources_per_worker or {}).get("CPU")
+    if asked:
+        return max(1, int(asked))
+    return max(1, usable_cpus() // cfg.dist.num_workers)
+
+
 def _worker_env(cfg: Config) -> dict[str, str]:
-    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    threads = os.environ.get("OMP_NUM_THREADS") or str(worker_threads(cfg))
+    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": threads}
     if not cfg.dist.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     return env

@@ -136,6 +136,7 @@ def _dist_summary(game: DistGame, cfg: Config, start: int) -> dict[str, Any]:
         "num_workers": world()[1],
         "zero_stage": cfg.dist.zero_stage,
         "resumed_from_step": start,
+        "threads_per_worker": torch.get_num_threads(),
         "student_numel": sum(
             p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in game.student.module.parameters()
         ),
