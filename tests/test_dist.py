@@ -318,6 +318,18 @@ def test_embedded_workers_share_out_the_cores(tmp_path, monkeypatch):
     assert threads(num_workers=1) == "5"  # the user's setting wins
 
 
+def test_embedded_ray_counts_the_cores_workers_may_use(tmp_path, monkeypatch):
+    """Ray's logical CPUs follow the affinity mask, as the workers' threads do, not the host's core count."""
+    from zsaq_dist.dist import driver
+
+    monkeypatch.setattr(driver, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(driver.os, "cpu_count", lambda: 64)  # a container narrowed to 4 of the host's 64
+    cpus = lambda **dist: driver.embedded_cpus(_cfg(tmp_path, "out", "unused", **dist))  # noqa: E731
+    assert cpus(num_workers=1) == 4
+    assert cpus(num_workers=4) == 5  # four 1-CPU workers and the trainer actor must fit
+    assert cpus(num_workers=2, resources_per_worker={"CPU": 3}) == 7
+
+
 def test_global_batch_must_split_over_workers(tmp_path):
     from zsaq_dist.dist.engines import micro_batch
     from zsaq_dist.errors import ConfigError

@@ -54,6 +54,13 @@ def _worker_env(cfg: Config) -> dict[str, str]:
     return env
 
 
+def embedded_cpus(cfg: Config) -> int:
+    """Logical CPUs embedded Ray advertises: this machine's usable cores (the same count ``worker_threads``
+    shares out), and never fewer than the workers ask for plus one for the driver's trainer actor."""
+    asked = (cfg.dist.resources_per_worker or {}).get("CPU", 1)
+    return max(int(cfg.dist.num_workers * asked) + 1, usable_cpus())
+
+
 def init_ray(cfg: Config) -> bool:
     """Connect to (or start) Ray; returns True if this call started it (the caller shuts it down)."""
     import ray
@@ -64,15 +71,13 @@ def init_ray(cfg: Config) -> bool:
     if address:  # a job's runtime_env (working_dir, env) stays as submitted; setup_comm sets DS_ACCELERATOR
         ray.init(address=address, log_to_driver=True)
         return True
-    cpus_per_worker = (cfg.dist.resources_per_worker or {}).get("CPU", 1)
-    num_cpus = max(int(cfg.dist.num_workers * cpus_per_worker) + 1, os.cpu_count() or 1)
     # "local" never attaches to someone else's cluster on this machine. The dashboard listens on loopback only;
     # Ray's core gRPC ports follow the node IP (Ray 2.60 rewrites a loopback _node_ip_address to the routable
     # one, services.resolve_ip_for_localhost) and are guarded by Ray's token auth. The dashboard
     # serves the State API that Ray Train's placement-group cleaner polls, else it logs a warning a second
     ray.init(
         address="local",
-        num_cpus=num_cpus,
+        num_cpus=embedded_cpus(cfg),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": _worker_env(cfg)},
