@@ -36,11 +36,16 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def cpus_asked(cfg: Config) -> float | None:
+    """The CPUs each worker asks for in ``dist.resources_per_worker``; None where it names none."""
+    return (cfg.dist.resources_per_worker or {}).get("CPU")
+
+
 def worker_threads(cfg: Config) -> int:
     """Torch threads of each worker of embedded Ray where ``OMP_NUM_THREADS`` is not set: the CPUs each worker
     asks for in ``dist.resources_per_worker``, else this machine's cores shared out over the workers (so one
     worker on a laptop takes every core, as ``--local`` does)."""
-    asked = (cfg.dist.resources_per_worker or {}).get("CPU")
+    asked = cpus_asked(cfg)
     if asked:
         return max(1, int(asked))
     return max(1, usable_cpus() // cfg.dist.num_workers)
@@ -57,8 +62,8 @@ def _worker_env(cfg: Config) -> dict[str, str]:
 def embedded_cpus(cfg: Config) -> int:
     """Logical CPUs embedded Ray advertises: this machine's usable cores (the same count ``worker_threads``
     shares out), and never fewer than the workers ask for plus one for the driver's trainer actor."""
-    asked = (cfg.dist.resources_per_worker or {}).get("CPU", 1)
-    return max(int(cfg.dist.num_workers * asked) + 1, usable_cpus())
+    asked = cpus_asked(cfg)
+    return max(int(cfg.dist.num_workers * (1 if asked is None else asked)) + 1, usable_cpus())
 
 
 def init_ray(cfg: Config) -> bool:
