@@ -11,7 +11,8 @@ the ``zsaq sam=quantized`` row, else ``latent`` for the files passed to ``--late
 before ``method.sam_space`` existed, when SAM always perturbed the latent weights), else the current
 default. Rows without SAM (``rho=0``, ``rtn``, the ``block-warmup`` row that runs no game step) carry no such
 label. A row whose block warm-up moved its weights inside their bins (``block_warmup.margin`` > 0) and whose
-name does not say so gets `` margin=M``.
+name does not say so gets `` margin=M``; one trained on new seed sequences every pass
+(``fresh_per_epoch``) gets `` fresh``.
 
 Writes a ``quality``-style JSON (so ``bench/render.py`` shows it): one row per method with the mean
 of ``ppl``, ``dppl``, ``kl``, ``top1``, ``seconds`` (and ``train_kl`` where every seed has it) over seeds
@@ -66,6 +67,8 @@ def label(row: dict, latent_file: bool, default_space: str) -> str:
     margin = (row.get("block_warmup") or {}).get("margin")
     if margin and "margin=" not in method:  # a run made while the warm-up's margin defaulted to it
         method = f"{method} margin={margin:g}"
+    if row.get("fresh_per_epoch") and "fresh" not in method:
+        method = f"{method} fresh"
     if method.startswith("rtn") or NO_SAM.search(method) or method == "fp" or not trains_end_to_end(name):
         return method
     if "sam=quantized" in method:

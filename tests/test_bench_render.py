@@ -208,11 +208,14 @@ def test_seeds_labels_small_rho_as_sam_and_notes_ties_per_setting(tmp_path):
     # a row whose warm-up settled its weights is told apart from one whose did not, by its recorded margin
     settled = {**row("w3", "zsaq block-warmup", 17.1), "block_warmup": {"steps": 64, "lr": 3e-4, "margin": 0.1}}
     runs.append(_quality_run(tmp_path / "margin.json", 0, [fp, settled, {**settled, "method": "zsaq margin=0.1"}]))
+    # and one trained on new seed sequences every pass from one that went over the same set again
+    runs.append(_quality_run(tmp_path / "fresh.json", 0, [fp, {**row("w3", "zsaq", 16.0), "fresh_per_epoch": True}]))
     out = seeds.summarise(runs, set(), "quantized")
     methods = {(r["setting"], r["method"]) for r in out["rows"]}
     assert methods == {("w4", "zsaq, SAM quantized"), ("w4", "zsaq rho=0"), ("w4", "zsaq rho=0.01, SAM quantized"),
                        ("w3", "zsaq, SAM quantized"), ("w3", "zsaq rho=0"), ("w3", "block-warmup"),
-                       ("w3", "zsaq block-warmup margin=0.1, SAM quantized"), ("w3", "zsaq margin=0.1, SAM quantized")}
+                       ("w3", "zsaq block-warmup margin=0.1, SAM quantized"), ("w3", "zsaq margin=0.1, SAM quantized"),
+                       ("w3", "zsaq fresh, SAM quantized")}
     lines = seeds.notes(out["paired"], "zsaq, SAM quantized")
     w4 = next(line for line in lines if line.startswith("w4:"))
     # rho=0 ties at seed 0 and loses at seed 1: a tie is a win for neither side; each gap has its standard

@@ -43,6 +43,13 @@ def test_bits_the_format_cannot_hold(quant, msg):
         validate({**BASE, "quant": quant})
 
 
+def test_fresh_seeds_refuse_hard_picks_of_a_pool_they_never_repeat():
+    method = {"seed_data": {"fresh_per_epoch": True}, "generator": {"seed_hardness": 1.0}}
+    with pytest.raises(ConfigError, match="set seed_hardness: 0 or fresh_per_epoch: false"):
+        validate({**BASE, "method": method})
+    assert validate({**BASE, "method": {"seed_data": {"fresh_per_epoch": True}}}).method.seed_data.fresh_per_epoch
+
+
 def test_missing_required_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match="output: required key is missing"):
         validate({"model": {"path": "m"}})

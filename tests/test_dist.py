@@ -203,19 +203,26 @@ def test_recompute_fake_quant_under_zero3(ray_local, root, model_dir, reference)
 
 
 def test_seed_sequences_written_together_equal_the_single_process_ones(ray_local, root, model_dir):
-    """3 batches of seed sequences over 2 ranks of a partitioned teacher: the cached set equals one process's."""
+    """3 batches of seed sequences over 2 ranks of a partitioned teacher: the cached set equals one process's.
+
+    With ``fresh_per_epoch``: 5 steps x 2 samples over 9 per pass make a pool of 18.
+    """
     from zsaq_dist import job
-    from zsaq_dist.data.seed import cache_path, generate_seed_tokens, model_fingerprint
+    from zsaq_dist.data.seed import cache_path, generate_seed_tokens, model_fingerprint, pool_cfg
 
     cfg = _cfg(root, "seeds-together", model_dir, num_workers=2, zero_stage=3)
-    sd = cfg.method.seed_data.model_copy(update={"num_sequences": 20, "cache_dir": str(root / "seed-together")})
-    m = cfg.method.model_copy(update={"steps": 1, "seed_data": sd})
+    sd = cfg.method.seed_data.model_copy(
+        update={"num_sequences": 9, "fresh_per_epoch": True, "cache_dir": str(root / "seed-together")}
+    )
+    m = cfg.method.model_copy(update={"steps": 5, "seed_data": sd})
     cfg = cfg.model_copy(update={"method": m, "eval": None})
     _run(ray_local, cfg)
     teacher, tok = job.load_teacher(cfg, torch.device("cpu"))
-    path = cache_path(model_fingerprint(teacher), sd, m.seq_len, m.seed)  # the same key as one process
+    pool = pool_cfg(m)
+    assert pool.num_sequences == 18
+    path = cache_path(model_fingerprint(teacher), pool, m.seq_len, m.seed)  # the same key as one process
     assert [p.name for p in (root / "seed-together").iterdir()] == [path.name]
-    expected = generate_seed_tokens(teacher, sd, m.seq_len, m.seed, special_ids=tok.all_special_ids)
+    expected = generate_seed_tokens(teacher, pool, m.seq_len, m.seed, special_ids=tok.all_special_ids)
     assert torch.equal(torch.load(path, weights_only=True), expected)
 
 

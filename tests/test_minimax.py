@@ -374,6 +374,27 @@ def test_the_game_trains_on_the_sequences_it_found_hard(tmp_path, monkeypatch):
     assert frozen.picker.hardness == 0.0  # the ablation freezes the whole generator: in order
 
 
+def test_fresh_per_epoch_trains_on_new_sequences_every_pass(tmp_path, monkeypatch):
+    """5 steps x 2 samples with 4 sequences per pass: a pool of 12, sample i takes row i (none twice), the first
+    pass is the plain run's set, and the block warm-up takes that first set alone."""
+    from zsaq_dist.minimax import blockwise, trainer
+
+    asked, warmed = [], []
+    rows, batches = trainer.SeedPicker.rows, blockwise.seed_batches
+    monkeypatch.setattr(trainer.SeedPicker, "rows", lambda self, step, idx: asked.append(rows(self, step, idx)) or asked[-1])
+    monkeypatch.setattr(blockwise, "seed_batches", lambda t, ls, ids, *a: warmed.append(ids) or batches(t, ls, ids, *a))
+    cfg = _cfg(tmp_path, steps=5, block_warmup_steps=1, seed_data={"fresh_per_epoch": True})
+    teacher = make_tiny_llama(hidden=32)
+    train(teacher, make_student(teacher, cfg.quant, True), None, cfg, progress=False)
+    pool = trainer.load_seed_ids(teacher, None, None, cfg.method)  # the cache the run wrote
+    plain = trainer.load_seed_ids(teacher, None, None, _cfg(tmp_path).method)
+    assert len(list((tmp_path / "seed").glob("seed-*.pt"))) == 2  # the pool's and the plain set's
+    assert pool.shape == (12, 8) and torch.equal(pool[:4], plain)
+    assert len({tuple(r) for r in pool.tolist()}) == 12  # every pass brings new sequences
+    assert sorted(set(torch.cat(asked).tolist())) == list(range(10))  # samples 0..9, each its own row
+    assert len(warmed) == 1 and torch.equal(warmed[0], plain)
+
+
 @pytest.mark.parametrize("fraction,clean", [(0.0, []), (0.5, [1, 3, 5]), (0.25, [3]), (1.0, [0, 1, 2, 3, 4, 5])])
 def test_clean_fraction_feeds_that_share_of_samples_the_seed_embeddings(fraction, clean):
     from zsaq_dist.minimax.trainer import Inputs, clean_samples

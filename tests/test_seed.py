@@ -6,9 +6,16 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from zsaq_dist.config import SeedDataCfg
+from zsaq_dist.config import MethodCfg, SeedDataCfg
 from zsaq_dist.data import seed as seed_mod
-from zsaq_dist.data.seed import cache_key, generate_seed_tokens, load_or_generate, model_fingerprint, sample_seed
+from zsaq_dist.data.seed import (
+    cache_key,
+    generate_seed_tokens,
+    load_or_generate,
+    model_fingerprint,
+    pool_cfg,
+    sample_seed,
+)
 
 CFG = SeedDataCfg(num_sequences=10, greedy_tokens=2, top_k=20)
 
@@ -75,6 +82,19 @@ def test_cache_is_reused_and_keyed(model, full, tmp_path, monkeypatch):
     # a change of the generation code that changes its output bumps GENERATOR_VERSION, and so every key
     monkeypatch.setattr(seed_mod, "GENERATOR_VERSION", seed_mod.GENERATOR_VERSION + 1)
     assert cache_key(fp, cfg, 12, 3) not in keys
+
+
+@pytest.mark.parametrize("steps,batch,pool", [(5, 4, 20), (3, 4, 20), (1, 1, 10), (0, 8, 10), (6, 4, 30)])
+def test_fresh_per_epoch_pools_whole_passes_of_new_sequences(steps, batch, pool):
+    """steps x batch samples over 10 per pass: that many new ones per pass, rounded up to whole passes."""
+    fresh = CFG.model_copy(update={"fresh_per_epoch": True})
+    m = MethodCfg(steps=steps, batch_size=batch, seed_data=fresh)
+    assert pool_cfg(m).num_sequences == pool
+    assert pool_cfg(m.model_copy(update={"seed_data": CFG})) is CFG  # without it, the set as configured
+    # the pool is the set of a plain run of its size: one cache entry, whose first pass is the plain set
+    plain = CFG.model_copy(update={"num_sequences": pool})
+    assert cache_key("fp", pool_cfg(m), 12, 3) == cache_key("fp", plain, 12, 3)
+    assert (cache_key("fp", plain, 12, 3) == cache_key("fp", CFG, 12, 3)) == (pool == 10)
 
 
 def test_fingerprint_refuses_a_partitioned_embedding():

@@ -136,6 +136,11 @@ class SeedDataCfg(_Strict):
     top_k: int | None = 50
     cache_dir: str | None = Field(None, description="default ~/.cache/zsaq_dist/seed")
     seed_model: str | None = Field(None, description="a smaller LM sharing the tokenizer; default: the teacher")
+    fresh_per_epoch: bool = Field(
+        False,
+        description="a new set of num_sequences for every pass of the game over them (steps x batch_size sequences "
+        "in all, none repeated); the block warm-up takes the first set",
+    )
 
 
 class MethodCfg(_Strict):
@@ -246,6 +251,16 @@ class MethodCfg(_Strict):
             raise ValueError(
                 "block_warmup_steps warms the layers on the seed sequences, which the noise baseline does not use: "
                 "set block_warmup_steps: 0 for noise"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fresh_seeds(self) -> MethodCfg:
+        if self.seed_data.fresh_per_epoch and self.generator.seed_hardness > 0:
+            raise ValueError(
+                f"generator.seed_hardness={self.generator.seed_hardness} re-draws the sequences the student found "
+                "hard from a pool the game passes over again, but seed_data.fresh_per_epoch never repeats one: "
+                "set seed_hardness: 0 or fresh_per_epoch: false"
             )
         return self
 

@@ -10,6 +10,10 @@ All randomness of sequence ``i`` comes from a ``torch.Generator`` seeded by
 to global indices (``[c*B, (c+1)*B)``), so any slice ``[k, m)`` is bit-identical
 to the same rows of the full set, whichever rank or worker count produced it.
 
+With ``fresh_per_epoch`` a run's set holds a new ``num_sequences`` for each pass of the game over them
+(:func:`pool_cfg`): pass ``e`` takes sequences ``[e*N, (e+1)*N)`` of the same keyed stream, so the
+first pass is the set without it, and the pool is the set of a plain run with that many sequences.
+
 The full set is cached with ``torch.save`` under a key hashing the model
 identity, the seed-data config, ``seq_len`` and ``seed``, so reruns and resumed
 jobs load it instead of regenerating.
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zsaq_dist.config import SeedDataCfg
+from zsaq_dist.config import MethodCfg, SeedDataCfg
 
 GEN_BATCH = 8  # sequences per forward; part of the numerics, so fixed (aligned chunks)
 # Part of every cache key: bump it whenever a change of this module changes the sequences it writes for
@@ -163,9 +167,26 @@ def generate_seed_tokens(
     return torch.cat(chunks)[start - off : stop - off]
 
 
+def pool_cfg(m: MethodCfg) -> SeedDataCfg:
+    """The seed data the ``steps x batch_size`` samples of a run draw from.
+
+    With ``seed_data.fresh_per_epoch``, ``N = num_sequences`` new ones per pass over them, in whole
+    passes: ``num_sequences = N * ceil(steps * batch_size / N)``; else ``m.seed_data`` as it is.
+    """
+    cfg = m.seed_data
+    if not cfg.fresh_per_epoch:
+        return cfg
+    n = cfg.num_sequences
+    return cfg.model_copy(update={"num_sequences": n * max(1, -(-(m.steps * m.batch_size) // n))})
+
+
 def cache_key(model_id: str, cfg: SeedDataCfg, seq_len: int, seed: int) -> str:
-    """Hash of everything that changes the seed set (not where it is cached)."""
-    d = {"model": model_id, "cfg": cfg.model_dump(exclude={"cache_dir"}), "seq_len": seq_len, "seed": seed}
+    """Hash of everything that changes the seed set (not where it is cached).
+
+    ``fresh_per_epoch`` is not part of it: the set of :func:`pool_cfg` is that of a plain run of its size.
+    """
+    dump = cfg.model_dump(exclude={"cache_dir", "fresh_per_epoch"})
+    d = {"model": model_id, "cfg": dump, "seq_len": seq_len, "seed": seed}
     d["generator_version"] = GENERATOR_VERSION
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -212,20 +212,21 @@ def seed_ids_together(teacher: nn.Module, tokenizer: Any, cfg: Config, model_id:
     batch 0), as each forward gathers the teacher's partitions collectively.
     """
     m = cfg.method
+    sd = seed_data.pool_cfg(m)
     rank, n = world()
-    path = seed_data.cache_path(model_id, m.seed_data, m.seq_len, m.seed)
+    path = seed_data.cache_path(model_id, sd, m.seq_len, m.seed)
     if broadcast(path.is_file() if rank == 0 else None):
         return broadcast(torch.load(path, weights_only=True) if rank == 0 else None)
     allowed = seed_data.seed_vocab_mask(teacher, seed_data.tokenizer_special_ids(tokenizer))
-    total = seed_data.num_chunks(m.seed_data.num_sequences)
+    total = seed_data.num_chunks(sd.num_sequences)
     mine = {}
     for first in range(0, total, n):
         c = first + rank
-        ids = seed_data.generate_chunk(teacher, c if c < total else 0, m.seed_data, m.seq_len, m.seed, allowed)
+        ids = seed_data.generate_chunk(teacher, c if c < total else 0, sd, m.seq_len, m.seed, allowed)
         if c < total:
             mine[c] = ids
     chunks = {c: t for part in all_gather(mine) for c, t in part.items()}
-    ids = torch.cat([chunks[c] for c in range(total)])[: m.seed_data.num_sequences]
+    ids = torch.cat([chunks[c] for c in range(total)])[: sd.num_sequences]
     if rank == 0:
         seed_data.save_cached(ids, path)
     return ids

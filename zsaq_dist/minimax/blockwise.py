@@ -241,8 +241,9 @@ def block_warmup(
 ) -> dict:
     """Warm every decoder layer of ``student`` that holds a QuantLinear in turn; return the per-layer record.
 
-    ``seed_ids`` (N, T): the seed sequences, taken ``m.batch_size`` at a time (the last minibatch may be
-    shorter). Deterministic: no sampling, the minibatches are taken in order.
+    ``seed_ids`` (N, T): the run's seed sequences, of which the first ``m.seed_data.num_sequences`` (all
+    but the later passes' sets of ``fresh_per_epoch``) are taken ``m.batch_size`` at a time (the last
+    minibatch may be shorter). Deterministic: no sampling, the minibatches are taken in order.
 
     For DeepSpeed workers (:mod:`zsaq_dist.dist.worker`): a ZeRO-3 teacher's layers gather their
     parameters through its own hooks (every rank runs the same calls); ``layer_ctx(student_layer)``
@@ -254,7 +255,7 @@ def block_warmup(
     t0 = time.perf_counter()
     name, t_layers = decoder_layers(teacher)
     s_layers = student.get_submodule(name)
-    batches = seed_batches(teacher, t_layers, seed_ids, m.batch_size, part)
+    batches = seed_batches(teacher, t_layers, seed_ids[: m.seed_data.num_sequences], m.batch_size, part)
     record = {
         "steps_per_layer": m.block_warmup_steps,
         "lr": m.block_warmup_lr,

@@ -2,7 +2,8 @@
 
 Student step ``k`` (of ``cfg.method.steps``) uses global samples ``[k*B, (k+1)*B)``;
 sample ``i`` takes seed sequence ``i mod num_sequences`` (with ``generator.seed_hardness > 0``,
-after the first pass, one drawn by :class:`SeedPicker`) and noise seeded by
+after the first pass, one drawn by :class:`SeedPicker`; with ``seed_data.fresh_per_epoch``, sequence
+``i`` of a pool of ``steps x batch_size`` rounded up to whole passes) and noise seeded by
 ``(seed, stream, k, i)``. Before student steps ``k = 0, n, 2n, ...``
 (``n = student_steps_per_generator_step``) the generator takes one ascent step
 on fresh noise (another stream) with the student fixed, unless ``ascent: false``.
@@ -26,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from zsaq_dist.config import Config, MethodCfg
-from zsaq_dist.data.seed import load_or_generate, sample_rng
+from zsaq_dist.data.seed import load_or_generate, pool_cfg, sample_rng
 from zsaq_dist.errors import ConfigError
 from zsaq_dist.minimax.blockwise import block_warmup
 from zsaq_dist.minimax.generator import (
@@ -174,13 +175,16 @@ def record_step(hist: dict, step: int, m: dict, gen: dict | None, lr: float, sec
 
 
 def load_seed_ids(teacher, seed_model, tokenizer, cfg: MethodCfg) -> torch.Tensor:
-    """All seed sequences, written by ``seed_model`` when the config names one, else by the teacher (cached)."""
+    """All seed sequences of the run (:func:`~zsaq_dist.data.seed.pool_cfg`), cached.
+
+    Written by ``seed_model`` when the config names one, else by the teacher.
+    """
     if cfg.seed_data.seed_model is not None and seed_model is None:
         raise ConfigError(
             f"method.seed_data.seed_model={cfg.seed_data.seed_model!r} is set but no seed model was passed: "
             "load it and call train(..., seed_model=model), or set seed_model: null to use the teacher"
         )
-    return load_or_generate(seed_model or teacher, cfg.seed_data, cfg.seq_len, cfg.seed, tokenizer)
+    return load_or_generate(seed_model or teacher, pool_cfg(cfg), cfg.seq_len, cfg.seed, tokenizer)
 
 
 class Game:
