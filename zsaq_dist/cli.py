@@ -136,7 +136,7 @@ def cmd_seeds(args: argparse.Namespace) -> int:
         raise ZsaqError(f"{out} exists: pass --overwrite to replace it, or another --out")
     teacher, tok = job.load_teacher(cfg, torch.device("cpu"))
     as_trained = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": "zsaq"})})  # rtn has no seeds
-    ids = load_seed_ids(teacher, job.load_seed_model(as_trained, torch.device("cpu")), tok, cfg.method)
+    ids = load_seed_ids(teacher, job.load_seed_model(as_trained, torch.device("cpu")), tok, cfg.method, progress=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "w") as f:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from zsaq_dist.config import MethodCfg, SeedDataCfg
 
@@ -152,15 +153,19 @@ def generate_seed_tokens(
     start: int = 0,
     stop: int | None = None,
     special_ids: list[int] | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
-    """Seed sequences ``[start, stop)`` (default: all ``cfg.num_sequences``) as int64 (N, seq_len) on CPU."""
+    """Seed sequences ``[start, stop)`` (default: all ``cfg.num_sequences``) as int64 (N, seq_len) on CPU.
+
+    ``progress`` shows a bar over the batches of :data:`GEN_BATCH` sequences.
+    """
     stop = cfg.num_sequences if stop is None else stop
     if not 0 <= start <= stop:
         raise ValueError(f"bad sample range [{start}, {stop}): need 0 <= start <= stop")
     allowed = seed_vocab_mask(model, special_ids)
-    chunks = [
-        generate_chunk(model, c, cfg, seq_len, seed, allowed) for c in range(start // GEN_BATCH, num_chunks(stop))
-    ]
+    todo = range(start // GEN_BATCH, num_chunks(stop))
+    bar = tqdm(todo, disable=not progress, desc="seed sequences", unit="batch", dynamic_ncols=True)
+    chunks = [generate_chunk(model, c, cfg, seq_len, seed, allowed) for c in bar]
     if not chunks:
         return torch.empty(0, seq_len, dtype=torch.long)
     off = (start // GEN_BATCH) * GEN_BATCH
@@ -218,14 +223,16 @@ def load_or_generate(
     seed: int,
     tokenizer=None,
     model_id: str | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """All seed sequences (num_sequences, seq_len), from the cache if present, else generated and cached.
 
-    ``model_id`` overrides :func:`model_fingerprint`.
+    ``model_id`` overrides :func:`model_fingerprint`; ``progress`` shows a bar while generating.
     """
     path = cache_path(model_id or model_fingerprint(model), cfg, seq_len, seed)
     if path.is_file():
         return torch.load(path, weights_only=True)
-    ids = generate_seed_tokens(model, cfg, seq_len, seed, special_ids=tokenizer_special_ids(tokenizer))
+    special = tokenizer_special_ids(tokenizer)
+    ids = generate_seed_tokens(model, cfg, seq_len, seed, special_ids=special, progress=progress)
     save_cached(ids, path)
     return ids

@@ -174,7 +174,7 @@ def record_step(hist: dict, step: int, m: dict, gen: dict | None, lr: float, sec
         hist[k].append(row.get(k))
 
 
-def load_seed_ids(teacher, seed_model, tokenizer, cfg: MethodCfg) -> torch.Tensor:
+def load_seed_ids(teacher, seed_model, tokenizer, cfg: MethodCfg, progress: bool = False) -> torch.Tensor:
     """All seed sequences of the run (:func:`~zsaq_dist.data.seed.pool_cfg`), cached.
 
     Written by ``seed_model`` when the config names one, else by the teacher.
@@ -184,7 +184,7 @@ def load_seed_ids(teacher, seed_model, tokenizer, cfg: MethodCfg) -> torch.Tenso
             f"method.seed_data.seed_model={cfg.seed_data.seed_model!r} is set but no seed model was passed: "
             "load it and call train(..., seed_model=model), or set seed_model: null to use the teacher"
         )
-    return load_or_generate(seed_model or teacher, pool_cfg(cfg), cfg.seq_len, cfg.seed, tokenizer)
+    return load_or_generate(seed_model or teacher, pool_cfg(cfg), cfg.seq_len, cfg.seed, tokenizer, progress=progress)
 
 
 class Game:
@@ -262,7 +262,7 @@ def train(
         return hist | {"total_seconds": 0.0}
     freeze(teacher)
     set_trainable(student, m.learnable_scales)
-    seed_ids = None if mode == "noise" else load_seed_ids(teacher, seed_model, tokenizer, m)
+    seed_ids = None if mode == "noise" else load_seed_ids(teacher, seed_model, tokenizer, m, progress)
     if m.block_warmup_steps > 0:
         hist["block_warmup"] = block_warmup(teacher, student, seed_ids, m, m.learnable_scales, progress)
     torch.manual_seed(m.seed)  # the generator's initial weights
