@@ -12,7 +12,8 @@ before ``method.sam_space`` existed, when SAM always perturbed the latent weight
 default. Rows without SAM (``rho=0``, ``rtn``, the ``block-warmup`` row that runs no game step) carry no such
 label. A row whose block warm-up moved its weights inside their bins (``block_warmup.margin`` > 0) and whose
 name does not say so gets `` margin=M``; one trained on new seed sequences every pass
-(``fresh_per_epoch``) gets `` fresh``.
+(``fresh_per_epoch``) gets `` fresh``. With ``--pool-label`` every trained row also gets its run's seed pool,
+`` pool=N`` (``budget.num_sequences``; per pass with ``fresh``), so runs that differ in it are told apart.
 
 Writes a ``quality``-style JSON (so ``bench/render.py`` shows it): one row per method with the mean
 of ``ppl``, ``dppl``, ``kl``, ``top1``, ``seconds`` (and ``train_kl`` where every seed has it) over seeds
@@ -61,14 +62,19 @@ def trains_end_to_end(method: str) -> bool:
     return "method.steps=0" not in QUALITY_ROWS.get(method, [])
 
 
-def label(row: dict, latent_file: bool, default_space: str) -> str:
-    """Method name with where its SAM perturbed, e.g. ``zsaq, SAM quantized``; rows without SAM as they are."""
+def label(row: dict, latent_file: bool, default_space: str, pool: int | None = None) -> str:
+    """Method name with where its SAM perturbed, e.g. ``zsaq, SAM quantized``; rows without SAM as they are.
+
+    ``pool``: the run's seed sequences, appended as `` pool=N`` to rows that train on them.
+    """
     method = name = row["method"]
     margin = (row.get("block_warmup") or {}).get("margin")
     if margin and "margin=" not in method:  # a run made while the warm-up's margin defaulted to it
         method = f"{method} margin={margin:g}"
     if row.get("fresh_per_epoch") and "fresh" not in method:
         method = f"{method} fresh"
+    if pool is not None and not method.startswith(("rtn", "noise", "fp")):
+        method = f"{method} pool={pool}"
     if method.startswith("rtn") or NO_SAM.search(method) or method == "fp" or not trains_end_to_end(name):
         return method
     if "sam=quantized" in method:
@@ -78,7 +84,7 @@ def label(row: dict, latent_file: bool, default_space: str) -> str:
     return f"{method}, SAM {space}"
 
 
-def summarise(runs: list[Path], latent: set[Path], default_space: str) -> dict:
+def summarise(runs: list[Path], latent: set[Path], default_space: str, pool_label: bool = False) -> dict:
     groups: dict[tuple[str, str], dict[int, dict]] = {}
     sources = []
     for path in runs:
@@ -95,7 +101,8 @@ def summarise(runs: list[Path], latent: set[Path], default_space: str) -> dict:
         for row in result["rows"]:
             if row["method"] == "fp":
                 continue
-            key = (row["setting"], label(row, path.resolve() in latent, default_space))
+            pool = result["budget"]["num_sequences"] if pool_label else None
+            key = (row["setting"], label(row, path.resolve() in latent, default_space, pool))
             if seed in groups.setdefault(key, {}):
                 raise SystemExit(f"{key} seed {seed} appears twice (again in {path}): pass each run once")
             groups[key][seed] = row
@@ -201,17 +208,19 @@ def main() -> None:
     p.add_argument("--latent", nargs="*", default=[], help="runs made before method.sam_space existed")
     p.add_argument("--out", required=True)
     p.add_argument("--ref", help="the row the note pairs every other row with (default: the default zsaq row)")
+    p.add_argument("--pool-label", action="store_true", help="label every trained row with its run's seed pool")
     args = p.parse_args()
     from zsaq_dist.config import MethodCfg
 
     runs = [Path(r).resolve() for r in args.runs]
-    result = summarise(runs, {Path(r).resolve() for r in args.latent}, MethodCfg().sam_space)
+    result = summarise(runs, {Path(r).resolve() for r in args.latent}, MethodCfg().sam_space, args.pool_label)
     first = json.loads(runs[0].read_text())
+    budget = {k: v for k, v in (first.get("budget") or {}).items() if not (args.pool_label and k == "num_sequences")}
     result = {
         "machine": first["machine"],
         "date": max(s["date"] for s in result["sources"]),
         "command": shlex.join(["python", "bench/seeds.py", *sys.argv[1:]]),
-        "budget": first.get("budget"),
+        "budget": budget or None,
         **result,
     }
     result["notes"] = notes(result["paired"], args.ref or f"zsaq, SAM {MethodCfg().sam_space}")

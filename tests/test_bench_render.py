@@ -151,9 +151,10 @@ def test_readme_section_is_rewritten_between_markers_with_ratios(render, tmp_pat
     assert "+5.00 = 0.25x RTN sym (+20.00)" in text
 
 
-def _quality_run(path: Path, seed: int | None, rows: list[dict]) -> Path:
+def _quality_run(path: Path, seed: int | None, rows: list[dict], pool: int = 32) -> Path:
     cmd = "python bench/quality.py --steps 40" + (f" --set method.seed={seed}" if seed is not None else "")
-    result = {"machine": "m", "date": f"2026-11-2{seed or 0}", "command": cmd, "budget": {"steps": 40}, "rows": rows}
+    budget = {"steps": 40, "num_sequences": pool}
+    result = {"machine": "m", "date": f"2026-11-2{seed or 0}", "command": cmd, "budget": budget, "rows": rows}
     path.write_text(json.dumps(result))
     return path
 
@@ -209,7 +210,8 @@ def test_seeds_labels_small_rho_as_sam_and_notes_ties_per_setting(tmp_path):
     settled = {**row("w3", "zsaq block-warmup", 17.1), "block_warmup": {"steps": 64, "lr": 3e-4, "margin": 0.1}}
     runs.append(_quality_run(tmp_path / "margin.json", 0, [fp, settled, {**settled, "method": "zsaq margin=0.1"}]))
     # and one trained on new seed sequences every pass from one that went over the same set again
-    runs.append(_quality_run(tmp_path / "fresh.json", 0, [fp, {**row("w3", "zsaq", 16.0), "fresh_per_epoch": True}]))
+    fresh = {**row("w3", "zsaq", 16.0), "fresh_per_epoch": True}
+    runs.append(_quality_run(tmp_path / "fresh.json", 0, [fp, fresh], pool=16))
     out = seeds.summarise(runs, set(), "quantized")
     methods = {(r["setting"], r["method"]) for r in out["rows"]}
     assert methods == {("w4", "zsaq, SAM quantized"), ("w4", "zsaq rho=0"), ("w4", "zsaq rho=0.01, SAM quantized"),
@@ -224,6 +226,11 @@ def test_seeds_labels_small_rho_as_sam_and_notes_ties_per_setting(tmp_path):
     assert "zsaq rho=0.01, SAM quantized +0.050 ± 0.150 (better at 1 of 2 seeds)" in w4
     w3 = next(line for line in lines if line.startswith("w3:"))
     assert "zsaq rho=0 -0.500 (better at 1 of 1 seeds)" in w3  # paired on seed 0 only
+    # with pool labels, runs on different seed pools are told apart (the budget's num_sequences)
+    pools = seeds.summarise(runs[-2:], set(), "quantized", pool_label=True)
+    assert {r["method"] for r in pools["rows"]} == {"zsaq block-warmup margin=0.1 pool=32, SAM quantized",
+                                                    "zsaq margin=0.1 pool=32, SAM quantized",
+                                                    "zsaq fresh pool=16, SAM quantized"}
     seeds.plot({**out, "sources": out["sources"]}, tmp_path / "seeds.png")
     assert (tmp_path / "seeds.png").stat().st_size > 0
 
