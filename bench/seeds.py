@@ -98,10 +98,10 @@ def summarise(runs: list[Path], latent: set[Path], default_space: str, pool_labe
                 "date": result["date"],
             }
         )
+        pool = result["budget"]["num_sequences"] if pool_label else None
         for row in result["rows"]:
             if row["method"] == "fp":
                 continue
-            pool = result["budget"]["num_sequences"] if pool_label else None
             key = (row["setting"], label(row, path.resolve() in latent, default_space, pool))
             if seed in groups.setdefault(key, {}):
                 raise SystemExit(f"{key} seed {seed} appears twice (again in {path}): pass each run once")
