@@ -99,6 +99,12 @@ ROWS = {
                                      "method.generator.radius=0.3"],
     "zsaq block-warmup ascent=false radius=0.3": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
                                                   "method.generator.radius=0.3", "method.ascent=false"],
+    # ... or allowed only a third as far (radius 0.03): at W4 the seed sequences as they are (self_sample) beat the
+    # generator's inputs, with and without the ascent; is the radius-0.1 move what costs there?
+    "zsaq block-warmup radius=0.03": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                      "method.generator.radius=0.03"],
+    "zsaq block-warmup ascent=false radius=0.03": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                                   "method.generator.radius=0.03", "method.ascent=false"],
     # the generator's ascent over the seed pool as well: after one pass in order, samples draw the sequences on
     # which the student's KL was highest (method.generator.seed_hardness; ascent=false draws in order)
     "zsaq block-warmup hard=1": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
