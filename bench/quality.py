@@ -99,7 +99,7 @@ ROWS = {
                                      "method.generator.radius=0.3"],
     "zsaq block-warmup ascent=false radius=0.3": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
                                                   "method.generator.radius=0.3", "method.ascent=false"],
-    # ... or allowed only a third as far (radius 0.03): at W4 the seed sequences as they are (self_sample) beat the
+    # ... or allowed only three tenths as far (radius 0.03): at W4 the seed sequences as they are (self_sample) beat the
     # generator's inputs, with and without the ascent; is the radius-0.1 move what costs there?
     "zsaq block-warmup radius=0.03": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
                                       "method.generator.radius=0.03"],
