@@ -89,7 +89,7 @@ def summarise(runs: list[Path], latent: set[Path], default_space: str, pool_labe
     sources = []
     for path in runs:
         result = json.loads(path.read_text())
-        seed = seed_of(result["command"])
+        seed = result["seed"] if "seed" in result else seed_of(result["command"])  # bench/reeval.py names it
         sources.append(
             {
                 "file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),

@@ -184,6 +184,11 @@ def test_seeds_summarises_runs_per_method_with_where_sam_perturbed(tmp_path):
     assert sign * pair["mean_a_minus_b"] == pytest.approx(-0.25) and pair["seeds"] == 2
     with pytest.raises(SystemExit, match="appears twice"):
         seeds.summarise([old0, old0], set(), "quantized")
+    # a run that names its seed (bench/reeval.py's files, whose command is not quality.py's) is taken at it
+    named = json.loads(old1.read_text()) | {"command": "python bench/reeval.py --eval-tokens 16384", "seed": 1}
+    (tmp_path / "r1.json").write_text(json.dumps(named))
+    again = seeds.summarise([old0, tmp_path / "r1.json"], set(), "quantized")
+    assert next(r for r in again["rows"] if r["method"] == "zsaq rho=0")["seeds"].keys() == {"0", "1"}
 
 
 def test_seeds_labels_small_rho_as_sam_and_notes_ties_per_setting(tmp_path):

@@ -222,6 +222,20 @@ def test_seeded_runs_reproduce_exactly(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_frozen_generator_at_radius_0_trains_as_self_sample(tmp_path):
+    """With ``ascent: false`` the generator only moves each seed embedding, by at most ``radius`` times its norm;
+    at radius 0 the run is ``self_sample``'s bit for bit (same sequences, same order, same student steps), so a
+    gap between the ``ascent=false`` and ``self_sample`` rows is that frozen move's and nothing else's."""
+    h_self, s_self, _ = _run(_cfg(tmp_path, name="self_sample"))
+    h_gen, s_gen, _ = _run(_cfg(tmp_path, ascent=False, generator={"radius": 0.0}))
+    assert (h_self["mode"], h_gen["mode"]) == ("self_sample", "adversarial")
+    for k in ("loss", "kl", "sam_loss", "lr"):
+        assert h_self[k] == h_gen[k], k
+    assert all(torch.equal(a, b) for a, b in zip(s_self.parameters(), s_gen.parameters(), strict=True))
+    h_moved, _, _ = _run(_cfg(tmp_path, ascent=False))  # the default radius 0.1: the inputs move, the run differs
+    assert h_moved["kl"] != h_self["kl"]
+
+
 @pytest.mark.parametrize(
     "method,mode,gen_steps",
     [
