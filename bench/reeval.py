@@ -9,7 +9,8 @@ for more text. ``bench/quality.py`` leaves each row's checkpoint in ``bench/.wor
 this script checks that the checkpoint is the run's (its ``zsaq_report.json`` config must have the run's
 seed, seed pool, steps, method and weight scheme: a later run with the same tag would have replaced it) and
 evaluates it with ``zsaq eval --reference TEACHER`` on the first ``--eval-tokens`` tokens (the teacher too,
-for the FP perplexity).
+for the FP perplexity). Each evaluation's log is kept in ``bench/.work/reeval/``; a killed run started again
+reuses the evaluations it finished.
 
 The evaluation windows are non-overlapping, so the first ``eval_tokens`` tokens of the longer evaluation are
 the run's own windows, and its metrics are token-weighted means. That makes the tokens after them a second,
@@ -101,17 +102,22 @@ def check_checkpoint(path: Path, result: dict, row: dict) -> None:
         raise SystemExit(f"{path}: no zsaq_report.json; run the row again with bench/quality.py ({result['command']})")
     cfg = json.loads(report_file.read_text())["config"]
     budget = result["budget"]
-    want = {"method.seed": str(seed_of(result["command"])),
-            "method.seed_data.num_sequences": str(budget["num_sequences"]),
-            "method.batch_size": str(budget["batch_size"]), "method.seq_len": str(budget["seq_len"])}
+    want = {
+        "method.seed": str(seed_of(result["command"])),
+        "method.seed_data.num_sequences": str(budget["num_sequences"]),
+        "method.batch_size": str(budget["batch_size"]),
+        "method.seq_len": str(budget["seq_len"]),
+    }
     if "method.steps" not in _expected_overrides(result, row):
         want["method.steps"] = str(budget["steps"])
     want.update(_expected_overrides(result, row))
     for key, val in want.items():
         have = _get(cfg, key)
         if not _same(have, val):
-            raise SystemExit(f"{path} is not the checkpoint of {row['method']} in `{result['command']}`: its config "
-                             f"has {key}={have!r}, the run {val}. Run that row again with bench/quality.py")
+            raise SystemExit(
+                f"{path} is not the checkpoint of {row['method']} in `{result['command']}`: its config "
+                f"has {key}={have!r}, the run {val}. Run that row again with bench/quality.py"
+            )
 
 
 def held_out(long: dict, short: dict) -> dict:
@@ -126,6 +132,20 @@ def held_out(long: dict, short: dict) -> dict:
         if k in long:
             out[k] = (long[k] * n_long - short[k] * n_short) / out["tokens"]
     return out
+
+
+def cached(log: Path, model: str, written: Path, seq_len: int) -> dict | None:
+    """The evaluation of ``model`` in windows of ``seq_len`` that ``log`` holds, if it finished after ``written``
+    was (a killed run then resumes with the evaluations it finished; a checkpoint written again since is scored
+    again)."""
+    if not log.is_file() or log.stat().st_mtime < written.stat().st_mtime:
+        return None
+    _, sep, out = log.read_text().rpartition("\n--- stdout ---\n")
+    try:
+        ev = json.loads(out[out.index("{") :]) if sep else None
+    except ValueError:
+        return None
+    return ev if ev and ev.get("model") == model and ev.get("seq_len") == seq_len and "tokens" in ev else None
 
 
 def predictions(tokens: int, seq_len: int) -> int:
@@ -148,14 +168,17 @@ def main() -> None:
     seq_lens = {res["budget"]["eval_seq_len"] for _, res in runs}
     shas = {res["eval_text"]["tokens_sha256"] for _, res in runs}
     if len(seq_lens) > 1 or len(shas) > 1:
-        raise SystemExit(f"the runs scored different windows or tokens (eval_seq_len {seq_lens}, "
-                         f"{len(shas)} token hashes): pass runs of one evaluation budget")
+        raise SystemExit(
+            f"the runs scored different windows or tokens (eval_seq_len {seq_lens}, "
+            f"{len(shas)} token hashes): pass runs of one evaluation budget"
+        )
     ev_args = argparse.Namespace(eval_seq_len=seq_lens.pop(), eval_tokens=args.eval_tokens, device=args.device)
     jobs = []
     for path, res in runs:
         if res["budget"]["eval_tokens"] >= args.eval_tokens:
-            raise SystemExit(f"{path} was scored on {res['budget']['eval_tokens']} tokens already: give "
-                             "--eval-tokens more than that")
+            raise SystemExit(
+                f"{path} was scored on {res['budget']['eval_tokens']} tokens already: give --eval-tokens more than that"
+            )
         for row in res["rows"]:
             if row["method"] != "fp":
                 ckpt = checkpoint_dir(res, row)
@@ -168,14 +191,19 @@ def main() -> None:
     logs = Q.WORK / "reeval"
     logs.mkdir(parents=True, exist_ok=True)
     print(f"teacher (FP) on {args.eval_tokens} tokens ...", flush=True)
-    fp = Q._eval(teacher, teacher, ev_args, logs / f"fp-{args.eval_tokens}.log")
+    log = logs / f"fp-{args.eval_tokens}.log"
+    fp = cached(log, teacher, Path(teacher) / "config.json", ev_args.eval_seq_len) or Q._eval(
+        teacher, teacher, ev_args, log
+    )
     if args.jobs > 1:
         os.environ["OMP_NUM_THREADS"] = "1"  # each evaluation subprocess: one torch thread, side by side
 
     def score(job: tuple) -> tuple:
         path, setting, method, ckpt = job
         log = logs / f"{ckpt.name}-{args.eval_tokens}.log"
-        ev = Q._eval(str(ckpt), teacher, ev_args, log)
+        ev = cached(log, str(ckpt), ckpt / "zsaq_report.json", ev_args.eval_seq_len) or Q._eval(
+            str(ckpt), teacher, ev_args, log
+        )
         print(f"{path.name} [{setting}] {method}: ppl {ev['ppl']:.3f} on {ev['tokens']} predictions", flush=True)
         return job, ev
 
@@ -204,13 +232,17 @@ def main() -> None:
             lo, _, hi = part.removeprefix("after").removeprefix("eval").rpartition("-")
             out = {
                 "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus, {args.device})",
-                "date": dt.date.today().isoformat(), "command": command, "seed": seed_of(res["command"]),
+                "date": dt.date.today().isoformat(),
+                "command": command,
+                "seed": seed_of(res["command"]),
                 "source": {"file": str(path), "command": res["command"], "date": res["date"]},
                 "teacher": res["teacher"],
-                "budget": {**res["budget"], "eval_tokens": int(hi),
-                           **({"eval_from_token": int(lo)} if lo else {})},
-                "eval_text": {"text": fp["text"], "tokens_sha256": fp["tokens_sha256"],
-                              **({"scored": f"tokens {lo}..{hi}, after the {lo} the run was scored on"} if lo else {})},
+                "budget": {**res["budget"], "eval_tokens": int(hi), **({"eval_from_token": int(lo)} if lo else {})},
+                "eval_text": {
+                    "text": fp["text"],
+                    "tokens_sha256": fp["tokens_sha256"],
+                    **({"scored": f"tokens {lo}..{hi}, after the {lo} the run was scored on"} if lo else {}),
+                },
                 **({"block_steps": res["block_steps"]} if "block_steps" in res else {}),
                 "rows": rows,
                 "failed": [],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -45,33 +46,56 @@ def test_held_out_metrics_equal_scoring_the_later_tokens_alone(reeval):
 @pytest.mark.parametrize("tokens", [16, 17, 18, 24, 61])
 def test_predictions_count_as_the_evaluation_does(reeval, tokens):
     ids = torch.zeros(tokens, dtype=torch.long)
-    assert reeval.predictions(tokens, 8) == evaluate(make_tiny_llama(hidden=32), ids, seq_len=8, progress=False)["tokens"]
+    assert (
+        reeval.predictions(tokens, 8) == evaluate(make_tiny_llama(hidden=32), ids, seq_len=8, progress=False)["tokens"]
+    )
     assert reeval.predictions(4096, 512) == 4088  # the CPU benchmark's 8 windows
 
 
 def _run_file(command: str) -> dict:
     return {
         "command": command,
-        "budget": {"steps": 40, "batch_size": 4, "seq_len": 64, "num_sequences": 128, "eval_tokens": 4096,
-                   "eval_seq_len": 512},
+        "budget": {
+            "steps": 40,
+            "batch_size": 4,
+            "seq_len": 64,
+            "num_sequences": 128,
+            "eval_tokens": 4096,
+            "eval_seq_len": 512,
+        },
         "block_steps": 64,
     }
 
 
 def _report(path: Path, **method) -> None:
-    base = {"steps": 40, "batch_size": 4, "seq_len": 64, "seed": 3, "block_warmup_steps": 64,
-            "seed_data": {"num_sequences": 128}, "generator": {"radius": 0.03}, "ascent": False}
-    cfg = validate({"model": {"path": "tiny"}, "output": {"dir": str(path)},
-                    "quant": {"weights": {"bits": 4, "group_size": 64, "symmetric": False}},
-                    "method": {**base, **method}})
+    base = {
+        "steps": 40,
+        "batch_size": 4,
+        "seq_len": 64,
+        "seed": 3,
+        "block_warmup_steps": 64,
+        "seed_data": {"num_sequences": 128},
+        "generator": {"radius": 0.03},
+        "ascent": False,
+    }
+    cfg = validate(
+        {
+            "model": {"path": "tiny"},
+            "output": {"dir": str(path)},
+            "quant": {"weights": {"bits": 4, "group_size": 64, "symmetric": False}},
+            "method": {**base, **method},
+        }
+    )
     path.mkdir(parents=True)
     (path / "zsaq_report.json").write_text(json.dumps({"config": cfg.model_dump(mode="json")}))
 
 
 def test_only_the_runs_own_checkpoint_is_scored(reeval, tmp_path, monkeypatch):
     monkeypatch.setattr(reeval.Q, "WORK", tmp_path)
-    run = _run_file("python bench/quality.py --tag T-seed3 --settings w4g64-asym "
-                    "--rows 'zsaq block-warmup ascent=false radius=0.03' --set method.seed=3")
+    run = _run_file(
+        "python bench/quality.py --tag T-seed3 --settings w4g64-asym "
+        "--rows 'zsaq block-warmup ascent=false radius=0.03' --set method.seed=3"
+    )
     row = {"setting": "w4g64-asym", "method": "zsaq block-warmup ascent=false radius=0.03"}
     ckpt = reeval.checkpoint_dir(run, row)
     assert ckpt == tmp_path / "T-seed3w4g64-asym-zsaq_block-warmup_ascentfalse_radius0.03"
@@ -80,8 +104,14 @@ def test_only_the_runs_own_checkpoint_is_scored(reeval, tmp_path, monkeypatch):
     _report(ckpt)
     reeval.check_checkpoint(ckpt, run, row)
     # a checkpoint another run left under the same name: another seed, radius, pool or scheme
-    for i, (method, quant_sym) in enumerate([({"seed": 4}, False), ({"generator": {"radius": 0.1}}, False),
-                                             ({"seed_data": {"num_sequences": 32}}, False), ({}, True)]):
+    for i, (method, quant_sym) in enumerate(
+        [
+            ({"seed": 4}, False),
+            ({"generator": {"radius": 0.1}}, False),
+            ({"seed_data": {"num_sequences": 32}}, False),
+            ({}, True),
+        ]
+    ):
         other = tmp_path / f"other{i}"
         _report(other, **method)
         if quant_sym:
@@ -90,3 +120,22 @@ def test_only_the_runs_own_checkpoint_is_scored(reeval, tmp_path, monkeypatch):
             (other / "zsaq_report.json").write_text(json.dumps(report))
         with pytest.raises(SystemExit, match="is not the checkpoint of"):
             reeval.check_checkpoint(other, run, row)
+
+
+def test_a_finished_evaluation_is_reused_and_a_stale_or_killed_one_is_not(reeval, tmp_path):
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "zsaq_report.json").write_text("{}")
+    os.utime(ckpt / "zsaq_report.json", (1000, 1000))
+    ev = {"model": str(ckpt), "seq_len": 512, "ppl": 17.5, "nll": 2.86, "tokens": 16352, "kl": 0.17, "top1": 0.78}
+    log = tmp_path / "eval.log"
+    log.write_text("Loading weights: 100%\n\n--- stdout ---\n" + json.dumps(ev, indent=2) + "\n")  # as quality._run
+    assert reeval.cached(log, str(ckpt), ckpt / "zsaq_report.json", 512) == ev
+    assert reeval.cached(log, str(tmp_path / "other"), ckpt / "zsaq_report.json", 512) is None
+    assert reeval.cached(log, str(ckpt), ckpt / "zsaq_report.json", 256) is None  # other windows
+    os.utime(log, (500, 500))  # the checkpoint was written again after this evaluation
+    assert reeval.cached(log, str(ckpt), ckpt / "zsaq_report.json", 512) is None
+    log.write_text("Loading weights: 100%\neval:  40%")  # killed before it printed its result
+    assert reeval.cached(log, str(ckpt), ckpt / "zsaq_report.json", 512) is None
+    assert reeval.cached(tmp_path / "missing.log", str(ckpt), ckpt / "zsaq_report.json", 512) is None
