@@ -161,12 +161,17 @@ def budget_overrides(args: argparse.Namespace) -> list[str]:
     return o + list(args.set or [])
 
 
+def row_name(setting: str, row: str) -> str:
+    """The (setting, row) part of a row's checkpoint folder and logs under ``WORK``, after the run's tag."""
+    return f"{setting}-{row.replace(' ', '_').replace('=', '')}"
+
+
 def run_row(
     setting: str, row: str, teacher: str, fp_ppl: float, args: argparse.Namespace, threads: int | None = None
 ) -> dict:
     """Quantize one (setting, method) row in a subprocess (``threads``: its torch threads), then evaluate its
     reloaded checkpoint."""
-    tag = f"{setting}-{row.replace(' ', '_').replace('=', '')}"
+    tag = row_name(setting, row)
     out = WORK / (args.tag + tag)
     row_over = [o.replace("STEPS/4", str(max(1, args.steps // 4))).replace("INIT", str(args.init_from))
                 .replace("BLOCK", str(args.block_steps)) for o in ROWS[row]]

@@ -60,10 +60,10 @@ Q = _quality()
 
 
 def checkpoint_dir(result: dict, row: dict) -> Path:
-    """Where ``bench/quality.py`` left ``row``'s checkpoint (its ``run_row`` names it the same way)."""
+    """Where ``bench/quality.py`` left ``row``'s checkpoint: ``WORK / (tag + row_name(...))``, as its ``run_row``."""
     tag = re.search(r"--tag[ =](\S+)", result["command"])
     tag = shlex.split(tag.group(1))[0] if tag else ""
-    return Q.WORK / (tag + f"{row['setting']}-{row['method'].replace(' ', '_').replace('=', '')}")
+    return Q.WORK / (tag + Q.row_name(row["setting"], row["method"]))
 
 
 def _expected_overrides(result: dict, row: dict) -> dict[str, str]:
