@@ -166,6 +166,12 @@ def row_name(setting: str, row: str) -> str:
     return f"{setting}-{row.replace(' ', '_').replace('=', '')}"
 
 
+def row_overrides(row: str, steps: int, block_steps: int, init_from: str | None = None) -> list[str]:
+    """``ROWS[row]`` with the budget put in: ``STEPS/4``, ``BLOCK`` (warm-up steps per layer) and ``INIT``."""
+    return [o.replace("STEPS/4", str(max(1, steps // 4))).replace("INIT", str(init_from))
+            .replace("BLOCK", str(block_steps)) for o in ROWS[row]]
+
+
 def run_row(
     setting: str, row: str, teacher: str, fp_ppl: float, args: argparse.Namespace, threads: int | None = None
 ) -> dict:
@@ -173,8 +179,7 @@ def run_row(
     reloaded checkpoint."""
     tag = row_name(setting, row)
     out = WORK / (args.tag + tag)
-    row_over = [o.replace("STEPS/4", str(max(1, args.steps // 4))).replace("INIT", str(args.init_from))
-                .replace("BLOCK", str(args.block_steps)) for o in ROWS[row]]
+    row_over = row_overrides(row, args.steps, args.block_steps, args.init_from)
     # rows not named for the block warm-up run without it (it became the default after the results before it)
     if "BLOCK" not in " ".join(ROWS[row]):
         row_over.append("method.block_warmup_steps=0")

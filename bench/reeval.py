@@ -69,14 +69,12 @@ def checkpoint_dir(result: dict, row: dict) -> Path:
 def _expected_overrides(result: dict, row: dict) -> dict[str, str]:
     """The row's own ``method.*`` / ``quant.*`` overrides (``key=value``) that are plain values, with the
     budget's substitutions: what its checkpoint's config must show."""
-    block = str(result.get("block_steps", 64))
-    steps = str(result["budget"]["steps"])
+    overrides = Q.row_overrides(row["method"], result["budget"]["steps"], result.get("block_steps", 64))
     out = {}
-    for o in Q.SETTINGS[row["setting"]] + Q.ROWS[row["method"]]:
+    for o in Q.SETTINGS[row["setting"]] + overrides:
         key, _, val = o.partition("=")
-        if "{" in val or "INIT" in val:
-            continue
-        out[key] = val.replace("STEPS/4", str(max(1, int(steps) // 4))).replace("BLOCK", block)
+        if "{" not in val and key != "method.init_from":  # a mapping, or a path the run resolved
+            out[key] = val
     return out
 
 
@@ -108,9 +106,8 @@ def check_checkpoint(path: Path, result: dict, row: dict) -> None:
         "method.batch_size": str(budget["batch_size"]),
         "method.seq_len": str(budget["seq_len"]),
     }
-    if "method.steps" not in _expected_overrides(result, row):
-        want["method.steps"] = str(budget["steps"])
-    want.update(_expected_overrides(result, row))
+    own = _expected_overrides(result, row)
+    want.update({"method.steps": str(budget["steps"])} | own)  # the row's own steps win (the warm-up alone: 0)
     for key, val in want.items():
         have = _get(cfg, key)
         if not _same(have, val):
