@@ -117,6 +117,10 @@ ROWS = {
                                     "method.generator.clean_fraction=0.5"],
     "zsaq block-warmup ascent=false clean=0.5": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
                                                  "method.generator.clean_fraction=0.5", "method.ascent=false"],
+    # the generator started as the identity (its output layer at zero): every move of its inputs is its ascent's,
+    # and with ascent=false it is self_sample exactly (tests/test_minimax.py), so the two ablations become one
+    "zsaq block-warmup init=zero": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                    "method.generator.adapter_init=zero"],
 }
 DEFAULT_ROWS = ["rtn", "noise", "self_sample", "zsaq", "zsaq rho=0", "zsaq ascent=false"]
 

@@ -236,6 +236,48 @@ def test_a_frozen_generator_at_radius_0_trains_as_self_sample(tmp_path):
     assert h_moved["kl"] != h_self["kl"]
 
 
+def test_a_frozen_zero_init_generator_trains_as_self_sample(tmp_path):
+    """``generator.adapter_init: zero`` starts the generator as the identity, so with ``ascent: false`` the run is
+    ``self_sample``'s bit for bit at the default radius; with the ascent it is not: every move of its inputs away
+    from the seed embeddings is one the ascent made."""
+    h_self, s_self, _ = _run(_cfg(tmp_path, name="self_sample"))
+    h_frozen, s_frozen, _ = _run(_cfg(tmp_path, ascent=False, generator={"adapter_init": "zero"}))
+    for k in ("loss", "kl", "sam_loss", "lr"):
+        assert h_self[k] == h_frozen[k], k
+    assert all(torch.equal(a, b) for a, b in zip(s_self.parameters(), s_frozen.parameters(), strict=True))
+    h_ascent, _, _ = _run(_cfg(tmp_path, generator={"adapter_init": "zero"}))
+    assert h_ascent["kl"][0] != h_self["kl"][0]  # the first ascent step comes before the first student step
+
+
+def test_a_zero_init_generator_starts_as_the_identity_and_its_ascent_moves_it():
+    teacher, student, _, cfg, e, z = _setup(nat=0.0)
+    torch.manual_seed(0)
+    gen = Generator(32, 8, 16, 0.5, init="zero")
+    with torch.no_grad():
+        assert torch.equal(gen(z, e), e)
+    params = list(gen.parameters())
+    generator_objective(teacher, student, gen, z, e, cfg)[0].backward(inputs=params)
+    first, _, last_w, last_b = (p.grad for p in params)
+    assert last_w.abs().sum() > 0 and last_b.abs().sum() > 0  # the ascent reaches the output layer at once
+    assert first.abs().sum() == 0  # and the hidden layer only once the output layer is no longer zero
+    opt = torch.optim.Adam(params, lr=0.05, maximize=True)
+    opt.zero_grad()
+
+    def kl_now():
+        with torch.no_grad():
+            return generator_objective(teacher, student, gen, z, e, cfg)[1]["gen_kl"]
+
+    before = kl_now()
+    for _ in range(3):
+        generator_ascent_step(lambda: generator_objective(teacher, student, gen, z, e, cfg), params, opt)
+    assert kl_now() > before * 1.05
+    with torch.no_grad():
+        x = gen(z, e)
+    assert not torch.equal(x, e) and ((x - e).norm(dim=-1) / e.norm(dim=-1)).max() <= 0.5 + 1e-6
+    with pytest.raises(ValueError, match="'random' or 'zero'"):
+        Generator(32, 8, 16, 0.5, init="ones")
+
+
 @pytest.mark.parametrize(
     "method,mode,gen_steps",
     [

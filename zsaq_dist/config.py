@@ -108,6 +108,12 @@ class GeneratorCfg(_Strict):
     radius: float = Field(0.1, ge=0.0, description="max perturbation relative to the embedding norm")
     noise_dim: int = Field(64, description="dimension of the noise z")
     hidden_dim: int = Field(128, description="width of the adapter MLP")
+    adapter_init: Literal["random", "zero"] = Field(
+        "random",
+        description="the adapter's output layer: random (PyTorch's default init, so the generator starts with a "
+        "random move of each seed embedding) or zero (it starts as the identity, x = E(seed), and every move it "
+        "makes comes from its ascent; with ascent: false it is then self_sample exactly)",
+    )
     student_steps_per_generator_step: int = Field(1, ge=1)
     lambda_nat: float = Field(0.1, ge=0.0, description="weight of R_nat (keeps inputs plausible to the teacher)")
     r_nat: Literal["nll", "norm"] = Field("nll", description="teacher NLL of its argmax continuation, or embedding-norm penalty")

@@ -9,7 +9,11 @@ Per token ``t`` with seed embedding ``e_t`` (D,) and noise ``z_t`` (Dz,):
 ``||tanh(a_t)|| <= sqrt(D)``, so ``||x_t - e_t|| <= r * ||e_t||``: the radius
 ``r`` (``generator.radius``) bounds the move relative to the token's own
 embedding norm and the generator cannot drift into garbage. The adapter sees
-``e_t`` normalised by its RMS so that its input is O(1) for any model.
+``e_t`` normalised by its RMS so that its input is O(1) for any model. With
+``generator.adapter_init: zero`` the adapter's output layer starts at zero, so
+``x_t = e_t`` until the ascent moves it: the generator's only move is the one
+its ascent found (the first ascent step reaches the output layer alone; the
+hidden layer follows from the second).
 
 Other modes: ``self_sample`` gives ``x_t = e_t`` (LLM-QAT baseline, no
 adapter); ``noise`` draws ``x_t ~ N(mu, sigma^2)`` with the per-dimension mean
@@ -45,14 +49,21 @@ def noise(
 class Generator(nn.Module):
     """Bounded adapter ``(z, E(seed)) -> x`` (see module docstring); all state is in ``adapter``."""
 
-    def __init__(self, embed_dim: int, noise_dim: int = 64, hidden_dim: int = 128, radius: float = 0.1):
+    def __init__(
+        self, embed_dim: int, noise_dim: int = 64, hidden_dim: int = 128, radius: float = 0.1, init: str = "random"
+    ):
         super().__init__()
+        if init not in ("random", "zero"):
+            raise ValueError(f"adapter init {init!r}: use 'random' or 'zero'")
         self.embed_dim, self.noise_dim, self.radius = embed_dim, noise_dim, radius
         self.adapter = nn.Sequential(
             nn.Linear(noise_dim + embed_dim, hidden_dim),
             nn.GELU(),
             nn.Linear(hidden_dim, embed_dim),
         )
+        if init == "zero":  # after the random init, so both draw the same numbers from torch's generator
+            nn.init.zeros_(self.adapter[2].weight)
+            nn.init.zeros_(self.adapter[2].bias)
 
     def forward(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """``z`` (B, T, Dz), seed embeddings ``e`` (B, T, D) -> ``x`` (B, T, D) in ``e``'s dtype."""

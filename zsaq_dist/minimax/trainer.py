@@ -134,7 +134,9 @@ class Inputs:
         self.stats = embedding_stats(teacher.get_input_embeddings().weight) if mode == "noise" else None
         dim = teacher.get_input_embeddings().embedding_dim
         g = cfg.generator
-        self.generator = Generator(dim, g.noise_dim, g.hidden_dim, g.radius) if mode == "adversarial" else None
+        self.generator = (
+            Generator(dim, g.noise_dim, g.hidden_dim, g.radius, g.adapter_init) if mode == "adversarial" else None
+        )
         if self.generator is not None:
             self.generator.to(teacher.get_input_embeddings().weight.device)
 
