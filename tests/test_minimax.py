@@ -228,6 +228,13 @@ def test_seeded_runs_reproduce_exactly(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def _assert_same_run(h1, s1, h2, s2):
+    """Two runs' histories (loss, KL, SAM loss, lr) and every student parameter are equal, bit for bit."""
+    for k in ("loss", "kl", "sam_loss", "lr"):
+        assert h1[k] == h2[k], k
+    assert all(torch.equal(a, b) for a, b in zip(s1.parameters(), s2.parameters(), strict=True))
+
+
 def test_a_frozen_generator_at_radius_0_trains_as_self_sample(tmp_path):
     """With ``ascent: false`` the generator only moves each seed embedding, by at most ``radius`` times its norm;
     at radius 0 the run is ``self_sample``'s bit for bit (same sequences, same order, same student steps), so a
@@ -235,9 +242,7 @@ def test_a_frozen_generator_at_radius_0_trains_as_self_sample(tmp_path):
     h_self, s_self, _ = _run(_cfg(tmp_path, name="self_sample"))
     h_gen, s_gen, _ = _run(_cfg(tmp_path, ascent=False, generator={"radius": 0.0}))
     assert (h_self["mode"], h_gen["mode"]) == ("self_sample", "adversarial")
-    for k in ("loss", "kl", "sam_loss", "lr"):
-        assert h_self[k] == h_gen[k], k
-    assert all(torch.equal(a, b) for a, b in zip(s_self.parameters(), s_gen.parameters(), strict=True))
+    _assert_same_run(h_self, s_self, h_gen, s_gen)
     h_moved, _, _ = _run(_cfg(tmp_path, ascent=False))  # the default radius 0.1: the inputs move, the run differs
     assert h_moved["kl"] != h_self["kl"]
 
@@ -248,9 +253,7 @@ def test_a_frozen_zero_init_generator_trains_as_self_sample(tmp_path):
     from the seed embeddings is one the ascent made."""
     h_self, s_self, _ = _run(_cfg(tmp_path, name="self_sample"))
     h_frozen, s_frozen, _ = _run(_cfg(tmp_path, ascent=False, generator={"adapter_init": "zero"}))
-    for k in ("loss", "kl", "sam_loss", "lr"):
-        assert h_self[k] == h_frozen[k], k
-    assert all(torch.equal(a, b) for a, b in zip(s_self.parameters(), s_frozen.parameters(), strict=True))
+    _assert_same_run(h_self, s_self, h_frozen, s_frozen)
     h_ascent, _, _ = _run(_cfg(tmp_path, generator={"adapter_init": "zero"}))
     assert h_ascent["kl"][0] != h_self["kl"][0]  # the first ascent step comes before the first student step
 
