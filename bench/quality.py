@@ -121,6 +121,13 @@ ROWS = {
     # and with ascent=false it is self_sample exactly (tests/test_minimax.py), so the two ablations become one
     "zsaq block-warmup init=zero": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
                                     "method.generator.adapter_init=zero"],
+    # the generator's radius fading to 0 by the cosine (method.generator.radius_final): harder inputs early, the
+    # seed sequences as they are by the last step; at W4 every lever that made the inputs harder cost perplexity
+    "zsaq block-warmup radius_final=0": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                         "method.generator.radius_final=0"],
+    "zsaq block-warmup init=zero radius_final=0": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                                   "method.generator.adapter_init=zero",
+                                                   "method.generator.radius_final=0"],
 }
 DEFAULT_ROWS = ["rtn", "noise", "self_sample", "zsaq", "zsaq rho=0", "zsaq ascent=false"]
 

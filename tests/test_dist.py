@@ -480,3 +480,19 @@ def test_hard_seed_picks_on_two_workers_match_single_process_and_survive_a_kill(
     rep = _run(ray_local, cfg)
     assert rep["dist"]["resumed_from_step"] == 2
     _assert_matches_reference(rep["history"], root / "hard-z3", ref)
+
+
+def _with_fading_radius(cfg: Config) -> Config:
+    method = cfg.method.model_dump(mode="json")
+    return validate(cfg.model_dump(mode="json") | {"method": method | {
+        "generator": method["generator"] | {"radius_final": 0.0}}})
+
+
+def test_a_fading_generator_radius_on_two_workers_matches_single_process(ray_local, root, model_dir, reference):
+    """``generator.radius_final``: every rank sets the radius of each step from the step alone (the same
+    ``Inputs.begin_step`` as the single process), so the two-worker run follows the single-process one."""
+    ref = _reference(root, model_dir, "latent", _with_fading_radius)
+    assert ref["loss"][0] == reference["loss"][0] and ref["loss"][1:] != reference["loss"][1:]
+    cfg = _with_fading_radius(_cfg(root, "fade-z0", model_dir, num_workers=2, zero_stage=0))
+    rep = _run(ray_local, cfg)
+    _assert_matches_reference(rep["history"], root / "fade-z0", ref)

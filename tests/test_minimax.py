@@ -469,3 +469,41 @@ def test_clean_fraction_feeds_that_share_of_samples_the_seed_embeddings(fraction
     # by global sample number: a worker's share of the batch is the same rows of the whole batch
     assert torch.equal(inp.student_batch(2, range(3, 6)), x[3:])
     assert clean_samples(range(100), 0.3).sum() == 30
+
+
+def test_a_fading_radius_goes_from_radius_to_radius_final_and_ends_on_the_seed_embeddings():
+    """``generator.radius_final``: step ``k`` of ``steps`` takes the radius ``rho_at(k, steps, radius, radius_final)``
+    for its student batch (and its ascent); at ``radius_final: 0`` the last step's inputs are the seed embeddings
+    exactly, and no step's move is larger than its radius."""
+    from zsaq_dist.minimax.trainer import Inputs
+    from zsaq_dist.optim.schedule import rho_at
+
+    teacher = freeze(make_tiny_llama(hidden=32))
+    ids = torch.randint(0, 128, (4, 8), generator=torch.Generator().manual_seed(1))
+    gen = {"noise_dim": 8, "hidden_dim": 16, "radius": 0.3, "radius_final": 0.0}
+    cfg = MethodCfg.model_validate({"seq_len": 8, "steps": 5, "generator": gen})
+    torch.manual_seed(0)
+    inp = Inputs(teacher, "adversarial", cfg, ids)
+    with torch.no_grad():
+        inp.generator.adapter[2].weight.mul_(100)  # saturate tanh: each move reaches its bound
+    idx = range(4)
+    ratios = []
+    for step in range(5):
+        inp.begin_step(step)
+        assert inp.generator.radius == rho_at(step, 5, 0.3, 0.0)
+        x, e = inp.student_batch(step, idx), inp.seed_embeds(idx, step)
+        ratios.append(((x - e).norm(dim=-1) / e.norm(dim=-1)).max().item())
+        assert ratios[-1] <= inp.generator.radius + 1e-6
+    assert ratios[0] > 0.25 and ratios[0] > ratios[1] > ratios[2] > ratios[3] > 0
+    assert torch.equal(x, e)  # radius 0 at the last step: the seed embeddings as they are
+    constant = Inputs(teacher, "adversarial", cfg.model_copy(update={"generator": cfg.generator.model_copy(
+        update={"radius_final": None})}), ids)
+    constant.begin_step(4)
+    assert constant.generator.radius == 0.3  # null: the radius stays constant
+
+
+def test_a_run_with_a_fading_radius_starts_as_the_constant_one_and_then_departs(tmp_path):
+    h_const, _, _ = _run(_cfg(tmp_path))
+    h_fade, _, _ = _run(_cfg(tmp_path, generator={"radius_final": 0.0}))
+    assert h_fade["kl"][0] == h_const["kl"][0] and h_fade["gen_kl"][0] == h_const["gen_kl"][0]
+    assert h_fade["kl"][1:] != h_const["kl"][1:] and h_fade["gen_kl"][1:] != h_const["gen_kl"][1:]

@@ -106,6 +106,12 @@ class GeneratorCfg(_Strict):
     )
     lr: float = Field(1e-3, description="generator (adapter) learning rate, gradient ascent")
     radius: float = Field(0.1, ge=0.0, description="max perturbation relative to the embedding norm")
+    radius_final: float | None = Field(
+        None,
+        ge=0.0,
+        description="radius at the last student step (cosine from radius, as rho_final for SAM), for the ascent "
+        "and the student's inputs alike; 0 ends the game on the seed embeddings as they are; null = constant radius",
+    )
     noise_dim: int = Field(64, description="dimension of the noise z")
     hidden_dim: int = Field(128, description="width of the adapter MLP")
     adapter_init: Literal["random", "zero"] = Field(

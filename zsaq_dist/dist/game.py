@@ -124,6 +124,7 @@ class DistGame:
         """Student step ``step``: (global student metrics with ``rho``, generator metrics or None, weights lr)."""
         m = self.m
         idx = local_indices(step, self.cfg)
+        self.inp.begin_step(step)
         gen = self.generator_step(step, idx) if self.ascent and step % self.every == 0 else None
         x = self.inp.student_batch(step, idx)
         target = teacher_targets(self.teacher, x, m)

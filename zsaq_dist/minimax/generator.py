@@ -8,7 +8,9 @@ Per token ``t`` with seed embedding ``e_t`` (D,) and noise ``z_t`` (Dz,):
 
 ``||tanh(a_t)|| <= sqrt(D)``, so ``||x_t - e_t|| <= r * ||e_t||``: the radius
 ``r`` (``generator.radius``) bounds the move relative to the token's own
-embedding norm and the generator cannot drift into garbage. The adapter sees
+embedding norm and the generator cannot drift into garbage. With
+``generator.radius_final`` the trainer sets ``radius`` at every student step, by a cosine from
+``generator.radius`` to it (``Inputs.begin_step`` in :mod:`zsaq_dist.minimax.trainer`). The adapter sees
 ``e_t`` normalised by its RMS so that its input is O(1) for any model. With
 ``generator.adapter_init: zero`` the adapter's output layer starts at zero, so
 ``x_t = e_t`` until the ascent moves it: the generator's only move is the one

@@ -7,10 +7,11 @@ after the first pass, one drawn by :class:`SeedPicker`; with ``seed_data.fresh_p
 ``(seed, stream, k, i)``. Before student steps ``k = 0, n, 2n, ...``
 (``n = student_steps_per_generator_step``) the generator takes one ascent step
 on fresh noise (another stream) with the student fixed, unless ``ascent: false``.
-With ``generator.clean_fraction = f`` that share of the student's samples (:func:`clean_samples`)
-takes the seed embeddings unperturbed. Modes ``self_sample`` and ``noise`` feed seed embeddings or
-random embeddings and have no generator. Step ``k`` runs SAM at radius ``rho_at(k, steps, rho, rho_final)``
-(recorded as ``rho``); with ``scales_only_steps = K`` the weights' lr is 0 for steps ``< K``
+With ``generator.radius_final`` the generator's radius goes from ``radius`` to it by the cosine of
+``rho_at`` (:meth:`Inputs.begin_step`). With ``generator.clean_fraction = f`` that share of the student's
+samples (:func:`clean_samples`) takes the seed embeddings unperturbed. Modes ``self_sample`` and
+``noise`` feed seed embeddings or random embeddings and have no generator. Step ``k`` runs SAM at
+radius ``rho_at(k, steps, rho, rho_final)`` (recorded as ``rho``); with ``scales_only_steps = K`` the weights' lr is 0 for steps ``< K``
 (:func:`zsaq_dist.minimax.student.make_student_scheduler`), ``dist.game`` does the same.
 With ``block_warmup_steps > 0`` the student's decoder layers are first warmed one by one on the
 seed sequences (:mod:`zsaq_dist.minimax.blockwise`); the record goes into the history as ``block_warmup``.
@@ -140,6 +141,13 @@ class Inputs:
         if self.generator is not None:
             self.generator.to(teacher.get_input_embeddings().weight.device)
 
+    def begin_step(self, step: int) -> None:
+        """Set what depends on the student step alone: the generator's radius (``rho_at`` on
+        ``generator.radius``, ``generator.radius_final``), used by that step's ascent and its student batch."""
+        if self.generator is not None:
+            g = self.cfg.generator
+            self.generator.radius = rho_at(step, self.cfg.steps, g.radius, g.radius_final)
+
     def seed_embeds(self, idx: range, step: int = 0) -> torch.Tensor:
         """Teacher embeddings of the seed sequences of samples ``idx`` at student step ``step``: (B, T, D)."""
         return seed_embeddings(self.teacher, self.seed_ids[self.picker.rows(step, idx)])
@@ -224,6 +232,7 @@ class Game:
         """Student step ``step``: (student metrics with the SAM radius ``rho``, generator metrics or None, weights lr)."""
         m = self.cfg
         idx = batch_indices(step, m.batch_size)
+        self.inp.begin_step(step)
         gen = self.generator_step(step, idx) if self.ascent and step % self.every == 0 else None
         x = self.inp.student_batch(step, idx)
         target = teacher_targets(self.teacher, x, m)
