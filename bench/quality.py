@@ -125,6 +125,8 @@ ROWS = {
     # seed sequences as they are by the last step; at W4 every lever that made the inputs harder cost perplexity
     "zsaq block-warmup radius_final=0": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
                                          "method.generator.radius_final=0"],
+    "zsaq block-warmup ascent=false radius_final=0": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                                      "method.generator.radius_final=0", "method.ascent=false"],
     "zsaq block-warmup init=zero radius_final=0": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
                                                    "method.generator.adapter_init=zero",
                                                    "method.generator.radius_final=0"],
