@@ -464,10 +464,18 @@ def test_block_warmup_alone_on_two_workers_exports_the_single_process_student(ra
     _assert_same_tensors(_tensors(root / "warm-alone"), ref["tensors"], atol=1e-5)
 
 
-def _with_hard_seeds(cfg: Config) -> Config:
-    method = cfg.method.model_dump(mode="json")
-    return validate(cfg.model_dump(mode="json") | {"method": method | {
-        "generator": method["generator"] | {"seed_hardness": 50.0}}})  # sharp: a wrong KL state draws other rows
+def _with_generator(name: str, **values):
+    """A config change (for :func:`_reference`, which names its output after ``name``) setting generator keys."""
+
+    def change(cfg: Config) -> Config:
+        method = cfg.method.model_dump(mode="json")
+        return validate(cfg.model_dump(mode="json") | {"method": method | {"generator": method["generator"] | values}})
+
+    change.__name__ = name
+    return change
+
+
+_with_hard_seeds = _with_generator("_with_hard_seeds", seed_hardness=50.0)  # sharp: a wrong KL state draws other rows
 
 
 def test_hard_seed_picks_on_two_workers_match_single_process_and_survive_a_kill(ray_local, root, model_dir, reference):
@@ -482,10 +490,7 @@ def test_hard_seed_picks_on_two_workers_match_single_process_and_survive_a_kill(
     _assert_matches_reference(rep["history"], root / "hard-z3", ref)
 
 
-def _with_fading_radius(cfg: Config) -> Config:
-    method = cfg.method.model_dump(mode="json")
-    return validate(cfg.model_dump(mode="json") | {"method": method | {
-        "generator": method["generator"] | {"radius_final": 0.0}}})
+_with_fading_radius = _with_generator("_with_fading_radius", radius_final=0.0)
 
 
 def test_a_fading_generator_radius_on_two_workers_matches_single_process(ray_local, root, model_dir, reference):

@@ -269,8 +269,6 @@ def test_a_zero_init_generator_starts_as_the_identity_and_its_ascent_moves_it():
     first, _, last_w, last_b = (p.grad for p in params)
     assert last_w.abs().sum() > 0 and last_b.abs().sum() > 0  # the ascent reaches the output layer at once
     assert first.abs().sum() == 0  # and the hidden layer only once the output layer is no longer zero
-    for p in params:
-        p.grad = None
     before, after = _kl_before_and_after_ascent(teacher, student, gen, cfg, e, z)
     assert after > before * 1.05
     with torch.no_grad():
@@ -496,8 +494,8 @@ def test_a_fading_radius_goes_from_radius_to_radius_final_and_ends_on_the_seed_e
         assert ratios[-1] <= inp.generator.radius + 1e-6
     assert ratios[0] > 0.25 and ratios[0] > ratios[1] > ratios[2] > ratios[3] > 0
     assert torch.equal(x, e)  # radius 0 at the last step: the seed embeddings as they are
-    constant = Inputs(teacher, "adversarial", cfg.model_copy(update={"generator": cfg.generator.model_copy(
-        update={"radius_final": None})}), ids)
+    constant = Inputs(teacher, "adversarial", MethodCfg.model_validate(
+        {"seq_len": 8, "steps": 5, "generator": gen | {"radius_final": None}}), ids)
     constant.begin_step(4)
     assert constant.generator.radius == 0.3  # null: the radius stays constant
 

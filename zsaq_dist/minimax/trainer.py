@@ -11,8 +11,9 @@ With ``generator.radius_final`` the generator's radius goes from ``radius`` to i
 ``rho_at`` (:meth:`Inputs.begin_step`). With ``generator.clean_fraction = f`` that share of the student's
 samples (:func:`clean_samples`) takes the seed embeddings unperturbed. Modes ``self_sample`` and
 ``noise`` feed seed embeddings or random embeddings and have no generator. Step ``k`` runs SAM at
-radius ``rho_at(k, steps, rho, rho_final)`` (recorded as ``rho``); with ``scales_only_steps = K`` the weights' lr is 0 for steps ``< K``
-(:func:`zsaq_dist.minimax.student.make_student_scheduler`), ``dist.game`` does the same.
+radius ``rho_at(k, steps, rho, rho_final)`` (recorded as ``rho``); with ``scales_only_steps = K`` the
+weights' lr is 0 for steps ``< K`` (:func:`zsaq_dist.minimax.student.make_student_scheduler`),
+``dist.game`` does the same.
 With ``block_warmup_steps > 0`` the student's decoder layers are first warmed one by one on the
 seed sequences (:mod:`zsaq_dist.minimax.blockwise`); the record goes into the history as ``block_warmup``.
 """

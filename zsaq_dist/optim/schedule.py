@@ -1,4 +1,5 @@
-"""Schedules: the learning rate (linear warm-up, then cosine decay to zero, or constant) and the SAM radius."""
+"""Schedules: the learning rate (linear warm-up, then cosine decay to zero, or constant), and the radii
+of SAM and of the generator."""
 
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ def make_scheduler(
 
 def rho_at(step: int, steps: int, rho: float, rho_final: float | None = None) -> float:
     """SAM radius at student step ``step`` (0-based) of ``steps``: cosine from ``rho`` to ``rho_final``.
+
+    The generator's radius follows the same schedule (``generator.radius`` to ``generator.radius_final``).
 
     ``rho`` exactly at step 0, ``rho_final`` exactly at step ``steps - 1``:
     ``rho * c + rho_final * (1 - c)``, ``c = 0.5 * (1 + cos(pi * step / (steps - 1)))``.
