@@ -240,6 +240,36 @@ def test_seeds_labels_small_rho_as_sam_and_notes_ties_per_setting(tmp_path):
     assert (tmp_path / "seeds.png").stat().st_size > 0
 
 
+def test_paired_words_a_summary_pair_from_either_side(tmp_path):
+    seeds, paired = _load("seeds"), _load("paired")
+    fp = {"setting": "fp", "method": "fp", "dppl": 0.0}
+
+    def row(method, dppl):
+        r = _row(method, 4, False, "self-generated (zero-shot)", 10.0 + dppl, 0.2, 0.77)
+        return {**r, "setting": "w4", "sam_space": "quantized"}
+
+    # self_sample minus zsaq per seed: -0.3, -0.1, +0.1, -0.5 (mean -0.2, sd 0.2582, se 0.1291)
+    dppl = {0: (3.0, 2.7), 1: (2.8, 2.7), 2: (2.6, 2.7), 3: (3.2, 2.7)}
+    runs = [_quality_run(tmp_path / f"s{s}.json", s, [fp, row("zsaq", z), row("self_sample", q)])
+            for s, (z, q) in dppl.items()]
+    summary = seeds.summarise(runs, set(), "quantized")
+    z, q = "zsaq, SAM quantized", "self_sample, SAM quantized"
+    ss = paired.compare(summary, q, z)
+    assert (ss["seeds"], ss["a_wins"], ss["verdict"]) == (4, 3, "level")  # 0.2 < 2 * 0.129
+    assert ss["mean"] == pytest.approx(0.2) and ss["se"] == pytest.approx(0.2582 / 2, abs=1e-4)
+    assert paired.words(ss) == "ahead at 3 of 4 seeds, by 0.20 ± 0.13"
+    zs = paired.compare(summary, z, q)  # the same pair from the other side: the mean turns round
+    assert zs["mean"] == pytest.approx(-0.2) and zs["a_wins"] == 1
+    assert paired.words(zs) == "ahead at 1 of 4 seeds but behind on average, by 0.20 ± 0.13"
+    # a gap of at least two standard errors is a verdict
+    wide = seeds.summarise([runs[0], runs[3]], set(), "quantized")  # -0.3, -0.5: mean -0.4, se 0.1
+    assert paired.compare(wide, q, z)["verdict"] == "ahead" and paired.compare(wide, z, q)["verdict"] == "behind"
+    one = paired.compare(seeds.summarise(runs[:1], set(), "quantized"), z, q)
+    assert one["se"] is None and paired.words(one) == "ahead at 0 of 1 seeds but behind on average, by 0.30"
+    with pytest.raises(SystemExit, match="no row 'zsaq'"):
+        paired.compare(summary, "zsaq", q)
+
+
 def test_quality_records_a_failed_row_runs_the_rest_and_exits_nonzero(tmp_path, monkeypatch):
     quality = _load("quality")
     import zsaq_dist.io.demo as demo

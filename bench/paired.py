@@ -1,0 +1,80 @@
+"""Two rows of a ``bench/seeds.py`` summary side by side, paired over the seeds they share, in words.
+
+    python bench/paired.py bench/results/quality_cpu-40steps-block-w4g64-asym-pool-seeds.json \\
+        'zsaq block-warmup pool=128, SAM quantized' 'self_sample block-warmup pool=128, SAM quantized'
+
+prints one line per row after the first (``B``), for the first (``A``):
+
+    A against B: ahead at W of N seeds, by M ± SE (level)
+
+``M`` is B's mean Δppl minus A's over their shared seeds (positive: A has the lower perplexity increase), ``W``
+the seeds at which A is lower, ``SE`` the standard error of ``M`` over those seeds (the spread of the paired
+differences / sqrt(N)), and the verdict ``ahead`` or ``behind`` when ``|M|`` is at least two standard errors,
+else ``level``. The numbers are the summary's own ``paired`` entries (written by ``bench/seeds.py``), only turned
+round to A's side; the sentences about seeds in ``bench/README.md`` and the README are these lines.
+``--setting`` picks the setting when a summary holds several; ``--json`` prints the same as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def compare(summary: dict, a: str, b: str, setting: str | None = None) -> dict:
+    """Row ``a`` against row ``b``: seeds, a's wins, ``mean`` (b minus a), its standard error and the verdict."""
+    methods = {r["method"] for r in summary["rows"] if setting in (None, r["setting"])}
+    for name in (a, b):
+        if name not in methods:
+            raise SystemExit(f"no row {name!r} in the summary; its rows: {sorted(methods)}")
+    found = [q for q in summary["paired"] if {q["a"], q["b"]} == {a, b} and setting in (None, q["setting"])]
+    if not found:
+        raise SystemExit(f"{a!r} and {b!r} share no seed in the summary")
+    if len(found) > 1:
+        raise SystemExit(f"{a!r} and {b!r} are paired in several settings; pass --setting")
+    q = found[0]
+    flip = q["a"] == a  # the entry holds a minus b; the mean here is b minus a
+    mean = -q["mean_a_minus_b"] if flip else q["mean_a_minus_b"]
+    se = q["sd"] / math.sqrt(q["seeds"]) if q["sd"] is not None else None
+    if se is None:
+        verdict = "one seed"
+    elif abs(mean) < 2 * se:
+        verdict = "level"
+    else:
+        verdict = "ahead" if mean > 0 else "behind"
+    return {
+        "setting": q["setting"], "a": a, "b": b, "seeds": q["seeds"],
+        "a_wins": q["a_wins"] if flip else q["b_wins"], "mean": mean, "se": se, "verdict": verdict,
+    }
+
+
+def words(c: dict) -> str:
+    """``ahead at W of N seeds, by M ± SE`` (``... but behind on average, by ...`` when the mean is against A)."""
+    se = f" ± {c['se']:.2f}" if c["se"] is not None else ""
+    head = f"ahead at {c['a_wins']} of {c['seeds']} seeds"
+    if c["mean"] >= 0:
+        return f"{head}, by {c['mean']:.2f}{se}"
+    return f"{head} but behind on average, by {-c['mean']:.2f}{se}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("summary", type=Path, help="a bench/seeds.py summary JSON")
+    p.add_argument("a", help="the row to describe")
+    p.add_argument("b", nargs="+", help="the rows to pair it with")
+    p.add_argument("--setting", help="the setting (needed when the rows are paired in several)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of sentences")
+    args = p.parse_args()
+    summary = json.loads(args.summary.read_text())
+    found = [compare(summary, args.a, b, args.setting) for b in args.b]
+    if args.json:
+        print(json.dumps(found, indent=1))
+        return
+    for c in found:
+        print(f"{c['a']} against {c['b']}: {words(c)} ({c['verdict']})")
+
+
+if __name__ == "__main__":
+    main()
