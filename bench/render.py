@@ -155,19 +155,20 @@ def _ratio_lines(results: Path) -> list[str]:
 
 
 def update_readme(readme: Path, results: Path) -> None:
-    """Replace the text between the results markers of ``readme`` with the rendered section."""
+    """Replace the text between the results markers of ``readme`` with the ratio summary of every run and a
+    link to the full tables (``RESULTS.md`` in ``results``: the README holds no copy of them)."""
     begin, end = "<!-- results:begin (bench/render.py --readme) -->", "<!-- results:end -->"
     text = readme.read_text()
     if begin not in text or end not in text:
         raise SystemExit(f"{readme} lacks the markers {begin} ... {end}")
-    body = render(results, with_png=False).replace("](", f"]({results.relative_to(readme.parent)}/")
-    ratios = "\n".join(_ratio_lines(results))
-    body = body.replace(
-        "## Results\n",
-        "## Results\n\nPerplexity increase over FP as a multiple of RTN's in the "
-        "same run (lower is better; runs differ in evaluation budget, so compare ratios, not ppl):\n\n" + ratios + "\n",
-        1,
-    )
+    tables = (results / "RESULTS.md").relative_to(readme.parent)
+    body = "\n".join([
+        "### Every benchmark run", "",
+        "Perplexity increase over FP as a multiple of RTN's in the same run (lower is better; runs differ in "
+        "evaluation budget, so compare ratios, not ppl):", "",
+        *_ratio_lines(results), "",
+        f"Each run's table, with its machine, date, command and plot: [`{tables}`]({tables}) (written by the same "
+        "command).", ""])
     head, rest = text.split(begin, 1)
     readme.write_text(head + begin + "\n" + body + rest[rest.index(end) :])
 

@@ -149,6 +149,8 @@ def test_readme_section_is_rewritten_between_markers_with_ratios(render, tmp_pat
     assert "old" not in text and text.startswith("intro") and text.rstrip().endswith("tail")
     assert "zsaq +10.00 (0.25x)" in text  # (20 - 10) / (50 - 10)
     assert "+5.00 = 0.25x RTN sym (+20.00)" in text
+    # the tables themselves stay in RESULTS.md, linked from the README rather than copied into it
+    assert "| method |" not in text and "[`bench/results/RESULTS.md`](bench/results/RESULTS.md)" in text
 
 
 def _quality_run(path: Path, seed: int | None, rows: list[dict], pool: int = 32) -> Path:
@@ -301,3 +303,91 @@ def test_quality_records_a_failed_row_runs_the_rest_and_exits_nonzero(tmp_path, 
     assert result["failed"] == [{"setting": "w4g64-asym", "method": "zsaq",
                                  "error": "zsaq quantize failed (exit 1); log: x.log"}]
     assert (tmp_path / "quality_t.png").is_file()
+
+
+def _standing_results(tmp_path: Path, seeds_mod) -> Path:
+    """A results folder with one seeds summary (zsaq, self_sample, ascent=false, rtn over seeds 0-3) and a
+    peers table, in the shapes bench/seeds.py and bench/peers.py write."""
+    fp = {"setting": "fp", "method": "fp", "dppl": 0.0}
+
+    def row(method, dppl):
+        r = _row(method, 4, False, "self-generated (zero-shot)", 10.0 + dppl, 0.2, 0.77)
+        return {**r, "setting": "w4", "sam_space": None if method == "rtn" else "quantized"}
+
+    # per seed: zsaq, self_sample (zsaq ahead by 0.3, 0.5: ahead), ascent=false (-0.3, -0.1, +0.1, -0.5: behind
+    # within two standard errors), rho=0 (zsaq ahead by 0.1, 0.3, -0.1, +0.1: ahead within them)
+    per_seed = {0: (3.0, 3.3, 2.7, 3.1), 1: (2.8, 3.3, 2.7, 3.1), 2: (2.6, None, 2.7, 2.5), 3: (3.2, None, 2.7, 3.3)}
+    runs = []
+    for s, (z, q, a, r) in per_seed.items():
+        rows = [fp, row("zsaq", z), row("zsaq ascent=false", a), row("zsaq rho=0", r)]
+        rows += [row("self_sample", q)] if q is not None else []
+        rows += [row("rtn", 8.0)] if s == 0 else []
+        runs.append(_quality_run(tmp_path / f"run{s}.json", s, rows))
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "summary.json").write_text(json.dumps(seeds_mod.summarise(runs, set(), "quantized")))
+    peers = [{**_row("HQQ", 4, False, "none", 12.9, 0.3, 0.7), "dppl": 2.9}]
+    (results / "peers.json").write_text(json.dumps({"machine": "m", "date": "d", "command": "c", "rows": peers}))
+    return results
+
+
+def test_standing_checks_each_kind_of_target_from_the_summaries(tmp_path, monkeypatch):
+    standing = _load("standing")
+    results = _standing_results(tmp_path, _load("seeds"))
+    T, z = standing.Target, "zsaq, SAM quantized"
+    monkeypatch.setattr(standing, "TARGETS", [
+        T("half of RTN", "W4", "ratio", "summary.json", z, "rtn", at_most=0.5),
+        T("third of RTN", "W4", "ratio", "summary.json", z, "rtn", at_most=1 / 3),
+        T("below HQQ", "W4", "below", "summary.json", z, ("peers.json", {"method": "HQQ", "bits": 4})),
+        T("beats self_sample", "W4", "paired", "summary.json", z, "self_sample, SAM quantized"),
+        T("ascent helps", "W4", "paired", "summary.json", z, "zsaq ascent=false, SAM quantized",
+          held_out="summary.json", note="a note"),
+        T("SAM helps", "W4", "paired", "summary.json", z, "zsaq rho=0"),
+    ])
+    lines = standing.table(results).splitlines()
+    assert len(lines) == 2 + 6
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    # zsaq's mean +2.9 against RTN +8.0: 0.36x, met at half and missed at a third
+    assert cells[0][2] == "zsaq +2.900 (mean of 4 seeds) against rtn +8.000: 0.36x" and cells[0][4] == "**met**"
+    assert cells[1][4] == "**missed**"
+    # HQQ +2.9: zsaq's mean is not lower (it is equal), though it is lower at seeds 1 and 2
+    assert cells[2][2] == "zsaq +2.900 (mean of 4 seeds) against HQQ +2.900, lower at 2 of 4 seeds"
+    assert cells[2][4] == "**missed**"
+    assert cells[3][2] == "ahead at 2 of 2 seeds, by 0.40 ± 0.10 (ahead)" and cells[3][4] == "**met**"
+    assert cells[3][3] == "-"
+    assert cells[4][2] == "ahead at 1 of 4 seeds but behind on average, by 0.20 ± 0.13 (level)"
+    assert cells[4][3] == cells[4][2] and cells[4][4] == "**missed**"
+    assert cells[4][5] == "`summary.json`; a note"
+    assert cells[5][2] == "ahead at 3 of 4 seeds, by 0.10 ± 0.08 (level)" and cells[5][4] == "**not shown**"
+    monkeypatch.setattr(standing, "TARGETS", [T("x", "W4", "below", "summary.json", "zsaq", ("peers.json", {}))])
+    with pytest.raises(SystemExit, match="0 rows match"):
+        standing.table(results)
+    monkeypatch.setattr(standing, "TARGETS", [T("x", "W4", "ratio", "gone.json", z, "rtn", at_most=0.5)])
+    with pytest.raises(SystemExit, match="gone.json is missing"):
+        standing.table(results)
+
+
+def test_standing_rewrites_the_readme_between_its_markers(tmp_path, monkeypatch):
+    standing = _load("standing")
+    results = _standing_results(tmp_path, _load("seeds"))
+    monkeypatch.setattr(standing, "TARGETS", [
+        standing.Target("half of RTN", "W4", "ratio", "summary.json", "zsaq, SAM quantized", "rtn", at_most=0.5)])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{standing.BEGIN}\nold\n{standing.END}\ntail\n")
+    standing.update_readme(readme, results)
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith(f"{standing.END}\ntail\n")
+    assert standing.table(results) in text
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="lacks the markers"):
+        standing.update_readme(readme, results)
+
+
+def test_the_readme_standing_table_is_the_committed_summaries(tmp_path):
+    """The README's table is what bench/standing.py makes of bench/results/ now (regenerate it when either
+    changes: python bench/standing.py --readme README.md)."""
+    standing = _load("standing")
+    readme = (BENCH.parent / "README.md").read_text()
+    assert standing.BEGIN in readme, "the README lost its standing markers"
+    block = readme.split(standing.BEGIN, 1)[1].split(standing.END, 1)[0]
+    assert block.strip() == standing.table().strip(), "regenerate it: python bench/standing.py --readme README.md"

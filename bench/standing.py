@@ -1,0 +1,193 @@
+"""Where zsaq stands on issue #3's targets: one generated table, from the committed summaries alone.
+
+    python bench/standing.py                       # print the table
+    python bench/standing.py --readme README.md    # also rewrite it between the README's standing markers
+
+Each target of issue #3 ("Done when") is checked at the settings the issue names, on the newest summaries of
+the CPU benchmark (``bench/seeds.py`` over ``bench/quality.py`` runs, re-scored by ``bench/reeval.py``):
+
+- ``ratio``: zsaq's mean perplexity increase over FP as a multiple of a reference row's (RTN); met at or
+  below ``at_most``;
+- ``below``: zsaq's mean increase against a reference row's (HQQ); met when lower, with the seeds at which
+  it is lower;
+- ``paired``: zsaq against an ablation or baseline over the seeds they share (``bench/paired.py``, the
+  words the sections of ``bench/README.md`` use); ``met`` only when ahead by at least two standard errors,
+  ``not shown`` when ahead on average but inside them, ``missed`` when not ahead on average, ``one seed``
+  when only one seed is shared. Where the summary's checkpoints were scored again on tokens 4096-16384 the
+  held-out text gets its own column.
+
+:data:`TARGETS` names every file and row, so each cell can be traced to a JSON under ``bench/results/``;
+nothing here is typed in by hand. A new summary becomes the evidence by changing its entry here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BEGIN = "<!-- standing:begin (bench/standing.py --readme) -->"
+END = "<!-- standing:end -->"
+
+
+def _paired():
+    """``bench/paired.py``, loaded from beside this file."""
+    spec = importlib.util.spec_from_file_location("bench_paired", Path(__file__).with_name("paired.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+paired = _paired()
+
+
+class Target(NamedTuple):
+    """One claim of the issue at one setting.
+
+    ``kind``: ``ratio``, ``below`` or ``paired`` (module docstring). ``summary``: the evidence file under the
+    results folder; ``row``: zsaq's row in it. ``ref``: the other side: a row name of ``summary`` (``paired``,
+    and ``ratio`` when the reference ran in the same runs) or ``(file, {key: value})`` selecting one row of
+    another file (a peers table). ``held_out``: the same runs re-scored on held-out tokens (``paired`` only).
+    """
+
+    claim: str
+    setting: str
+    kind: str
+    summary: str
+    row: str
+    ref: str | tuple[str, dict]
+    at_most: float | None = None
+    held_out: str | None = None
+    note: str = ""
+    key: str | None = None  # the summary's setting name (w4a8, ...), needed when it holds several
+
+
+W4, W4_HELD = "quality_cpu-40steps-block-w4g64-asym-pool-seeds.json", \
+    "quality_cpu-40steps-block-w4g64-asym-pool128-after4096-16384-seeds.json"
+W3, W3_HELD = "quality_cpu-40steps-block-w3g64-pool-seeds.json", \
+    "quality_cpu-40steps-block-w3g64-pool128-after4096-16384-seeds.json"
+W4A8, W4A8_HELD = "quality_cpu-40steps-block-w4a8-pool-seeds.json", \
+    "quality_cpu-40steps-block-w4a8-pool128-after4096-16384-seeds.json"
+POOL = "pool=128, SAM quantized"
+ZSAQ = f"zsaq block-warmup {POOL}"
+RTN = {"method": "RTN (zsaq_dist)", "group_size": 64}
+
+
+def _peer(method: dict, bits: int, symmetric: bool) -> tuple[str, dict]:
+    return "peers.json", {**method, "bits": bits, "symmetric": symmetric}
+
+
+TARGETS = [
+    Target("at most half of RTN's increase", "W3 g64", "ratio", W3, ZSAQ, _peer(RTN, 3, True), at_most=0.5),
+    Target("at most half of RTN's increase", "W4A8", "ratio", W4A8, ZSAQ, "rtn", at_most=0.5),
+    Target("below calibration-free HQQ", "W4 g64 asym", "below", W4, ZSAQ,
+           _peer({"method": "HQQ", "group_size": 64}, 4, False)),
+    *(Target("beats `self_sample`", s, "paired", f, ZSAQ, f"self_sample block-warmup {POOL}", held_out=h)
+      for s, f, h in (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD), ("W4 g64 asym", W4, W4_HELD))),
+    Target("beats `noise`", "W4 g64 asym", "paired", "quality_cpu-40steps-seeds.json", "zsaq, SAM quantized",
+           "noise, SAM quantized", note="from RTN, no warm-up, 32 seed sequences; `noise` not run since"),
+    Target("SAM helps (`rho=0` worse)", "W4 g64 asym", "paired", W4, "zsaq block-warmup pool=32, SAM quantized",
+           "zsaq block-warmup rho=0 pool=32", note="32 seed sequences; `rho=0` not run on 128"),
+    Target("SAM helps (`rho=0` worse)", "W3 g64", "paired", W3, "zsaq block-warmup pool=32, SAM quantized",
+           "zsaq block-warmup rho=0 pool=32", note="32 seed sequences; `rho=0` not run on 128"),
+    Target("SAM helps (`rho=0` worse)", "W4A8", "paired", "quality_gpu-80steps-seeds.json", "zsaq, SAM quantized",
+           "zsaq rho=0", key="w4a8", note="H100, 80 steps from RTN, no warm-up; `rho=0` not run with the warm-up"),
+    *(Target("the ascent helps (`ascent=false` worse)", s, "paired", f, ZSAQ,
+             f"zsaq block-warmup ascent=false {POOL}", held_out=h)
+      for s, f, h in (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD), ("W4 g64 asym", W4, W4_HELD))),
+]
+
+
+def _load(results: Path, name: str) -> dict:
+    path = results / name
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: a target of bench/standing.py names it (TARGETS)")
+    return json.loads(path.read_text())
+
+
+def _row(rows: list[dict], select: dict, where: str) -> dict:
+    found = [r for r in rows if all(r.get(k) == v for k, v in select.items())]
+    if len(found) != 1:
+        raise SystemExit(f"{where}: {len(found)} rows match {select}; a target must select exactly one")
+    return found[0]
+
+
+def _paired_cell(summary: dict, t: Target) -> tuple[str, dict]:
+    c = paired.compare(summary, t.row, t.ref, t.key)
+    return f"{paired.words(c)} ({c['verdict']})", c
+
+
+def _status(c: dict) -> str:
+    """``met`` only when ahead by two standard errors; ahead on average alone is ``not shown``."""
+    if c["verdict"] == "ahead":
+        return "met"
+    if c["verdict"] == "one seed":
+        return "one seed"
+    return "not shown" if c["mean"] > 0 else "missed"
+
+
+def check(t: Target, results: Path) -> dict:
+    """The target's cells: ``first`` (on the runs' own 4096 tokens), ``held_out`` (or None) and ``status``."""
+    summary = _load(results, t.summary)
+    if t.kind == "paired":
+        first, c = _paired_cell(summary, t)
+        held = _paired_cell(_load(results, t.held_out), t)[0] if t.held_out else None
+        return {"first": first, "held_out": held, "status": _status(c)}
+    select = {"method": t.row, **({"setting": t.key} if t.key else {})}
+    zsaq = _row(summary["rows"], select, t.summary)
+    if isinstance(t.ref, str):
+        ref, ref_name = _row(summary["rows"], {"method": t.ref}, t.summary), t.ref
+    else:
+        ref, ref_name = _row(_load(results, t.ref[0])["rows"], t.ref[1], t.ref[0]), t.ref[1]["method"]
+    seeds = zsaq.get("seeds") or {}
+    n = len(seeds) or 1
+    mean = f"zsaq {zsaq['dppl']:+.3f} (mean of {n} seed{'s' if n > 1 else ''})"
+    if t.kind == "ratio":
+        ratio = zsaq["dppl"] / ref["dppl"]
+        met = ratio <= t.at_most
+        return {"first": f"{mean} against {ref_name} {ref['dppl']:+.3f}: {ratio:.2f}x", "held_out": None,
+                "status": "met" if met else "missed"}
+    if t.kind == "below":
+        lower = sum(v < ref["dppl"] for v in seeds.values())
+        at = f", lower at {lower} of {n} seeds" if seeds else ""
+        return {"first": f"{mean} against {ref_name} {ref['dppl']:+.3f}{at}", "held_out": None,
+                "status": "met" if zsaq["dppl"] < ref["dppl"] else "missed"}
+    raise SystemExit(f"target {t.claim!r}: unknown kind {t.kind!r} (ratio, below or paired)")
+
+
+def table(results: Path = RESULTS) -> str:
+    """The Markdown table of every target, with its source file."""
+    lines = ["| target | setting | on the runs' 4096 tokens | held out (tokens 4096-16384) | status | source |",
+             "|---|---|---|---|---|---|"]
+    for t in TARGETS:
+        c = check(t, results)
+        source = f"`{t.summary}`" + (f"; {t.note}" if t.note else "")
+        lines.append(f"| {t.claim} | {t.setting} | {c['first']} | {c['held_out'] or '-'} | **{c['status']}** "
+                     f"| {source} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, results: Path = RESULTS) -> None:
+    """Replace the text between the standing markers of ``readme`` with the table."""
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme} lacks the markers {BEGIN} ... {END}")
+    head, rest = text.split(BEGIN, 1)
+    readme.write_text(head + BEGIN + "\n" + table(results) + "\n" + rest[rest.index(END):])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the summaries (default: %(default)s)")
+    p.add_argument("--readme", type=Path, help="also rewrite the table between this README's standing markers")
+    args = p.parse_args()
+    print(table(args.results))
+    if args.readme:
+        update_readme(args.readme, args.results)
+
+
+if __name__ == "__main__":
+    main()
