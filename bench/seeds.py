@@ -3,6 +3,7 @@
     python bench/seeds.py --runs bench/results/seeds/quality_cpu-40steps-seed*.json \\
         --latent bench/results/seeds/quality_cpu-40steps-seed?.json bench/results/seeds/quality_cpu-40steps-seed?-baselines.json \\
         --out bench/results/quality_cpu-40steps-seeds.json
+    python bench/seeds.py --again bench/results/quality_cpu-40steps-seeds.json --add NEW_RUN.json   # the same, plus a run
 
 Each run's seed is read from its command (``--set method.seed=S``; the recipe's seed 0 when absent).
 Rows are grouped by (setting, method) and labelled with where SAM perturbed: a row's own
@@ -202,14 +203,45 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", required=True, help="bench/quality.py result files")
+    p.add_argument("--runs", nargs="+", help="bench/quality.py result files")
     p.add_argument("--latent", nargs="*", default=[], help="runs made before method.sam_space existed")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
     p.add_argument("--ref", help="the row the note pairs every other row with (default: the default zsaq row)")
     p.add_argument("--pool-label", action="store_true", help="label every trained row with its run's seed pool")
-    args = p.parse_args()
+    p.add_argument("--again", type=Path, metavar="SUMMARY",
+                   help="write SUMMARY again with the command stored in it (its --runs, --latent, --out, ...)")
+    p.add_argument("--add", nargs="+", default=[], metavar="RUN",
+                   help="with --again: runs to add to its --runs (a run it already has is not added twice)")
+    return p
+
+
+def again_argv(summary: Path, add: list[str]) -> list[str]:
+    """The arguments of the command stored in ``summary`` (a bench/seeds.py output), with ``add`` appended to its
+    ``--runs``: the summary written again, with new runs, and a full command stored for the next time."""
+    words = shlex.split(json.loads(summary.read_text())["command"])
+    if words[:2] != ["python", "bench/seeds.py"]:
+        raise SystemExit(f"{summary} was not written by bench/seeds.py (its command: {' '.join(words[:3])} ...)")
+    ns = parser().parse_args(words[2:])
+    runs = ns.runs + [r for r in add if r not in ns.runs]
+    argv = ["--runs", *runs] + (["--latent", *ns.latent] if ns.latent else []) + ["--out", ns.out]
+    return argv + (["--ref", ns.ref] if ns.ref else []) + (["--pool-label"] if ns.pool_label else [])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    if args.again:
+        if args.runs or args.out:
+            p.error("--again takes the summary's own --runs and --out (add runs with --add)")
+        argv = again_argv(args.again, args.add)
+        args = p.parse_args(argv)
+    elif args.add:
+        p.error("--add goes with --again")
+    if not (args.runs and args.out):
+        p.error("--runs and --out are required (or --again SUMMARY)")
     from zsaq_dist.config import MethodCfg
 
     runs = [Path(r).resolve() for r in args.runs]
@@ -219,7 +251,7 @@ def main() -> None:
     result = {
         "machine": first["machine"],
         "date": max(s["date"] for s in result["sources"]),
-        "command": shlex.join(["python", "bench/seeds.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "bench/seeds.py", *argv]),
         "budget": budget or None,
         **result,
     }

@@ -391,3 +391,28 @@ def test_the_readme_standing_table_is_the_committed_summaries(tmp_path):
     assert standing.BEGIN in readme, "the README lost its standing markers"
     block = readme.split(standing.BEGIN, 1)[1].split(standing.END, 1)[0]
     assert block.strip() == standing.table().strip(), "regenerate it: python bench/standing.py --readme README.md"
+
+
+def test_seeds_again_writes_a_summary_from_its_own_command_with_runs_added(tmp_path, monkeypatch):
+    seeds = _load("seeds")
+    fp = {"setting": "fp", "method": "fp", "dppl": 0.0}
+    row = {**_row("zsaq", 4, False, "self-generated (zero-shot)", 13.0, 0.2, 0.77), "setting": "w4"}
+    for s in range(3):
+        _quality_run(tmp_path / f"r{s}.json", s, [fp, {**row, "dppl": 3.0 + s}])
+    monkeypatch.chdir(tmp_path)  # the stored command's paths are relative to where it ran
+    seeds.main(["--runs", "r0.json", "r1.json", "--out", "sum.json", "--pool-label", "--ref", "zsaq pool=32"])
+    first = json.loads((tmp_path / "sum.json").read_text())
+    assert first["command"] == "python bench/seeds.py --runs r0.json r1.json --out sum.json --pool-label --ref 'zsaq pool=32'"
+    # a run already summarised is not added twice; the new one is, and the command stored is whole again
+    assert seeds.again_argv(tmp_path / "sum.json", ["r1.json", "r2.json"]) == [
+        "--runs", "r0.json", "r1.json", "r2.json", "--out", "sum.json", "--ref", "zsaq pool=32", "--pool-label"]
+    seeds.main(["--again", "sum.json", "--add", "r2.json"])
+    again = json.loads((tmp_path / "sum.json").read_text())
+    assert again["rows"][0]["seeds"] == {"0": 3.0, "1": 4.0, "2": 5.0} and len(again["sources"]) == 3
+    assert again["command"].startswith("python bench/seeds.py --runs r0.json r1.json r2.json --out sum.json")
+    for bad in (["--again", "sum.json", "--out", "x.json"], ["--add", "r2.json", "--runs", "r0.json", "--out", "x"]):
+        with pytest.raises(SystemExit):
+            seeds.main(bad)
+    (tmp_path / "other.json").write_text(json.dumps({"command": "python bench/quality.py --tag x"}))
+    with pytest.raises(SystemExit, match="not written by bench/seeds.py"):
+        seeds.again_argv(tmp_path / "other.json", [])
