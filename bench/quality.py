@@ -130,6 +130,14 @@ ROWS = {
     "zsaq block-warmup init=zero radius_final=0": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
                                                    "method.generator.adapter_init=zero",
                                                    "method.generator.radius_final=0"],
+    # a gentler game after the warm-up (the game's lr only; the warm-up keeps its own): at 5e-5 Adam's first steps
+    # flip the codes near a bin's edge by the ten thousand whatever the inputs (warmup_edges.json), so the rows'
+    # inputs may matter only once fewer codes flip at random
+    "zsaq block-warmup lr=2e-5": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.lr=2e-5"],
+    "zsaq block-warmup ascent=false lr=2e-5": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                               "method.ascent=false", "method.lr=2e-5"],
+    "self_sample block-warmup lr=2e-5": ["method.name=self_sample", "method.block_warmup_steps=BLOCK",
+                                         "method.lr=2e-5"],
 }
 DEFAULT_ROWS = ["rtn", "noise", "self_sample", "zsaq", "zsaq rho=0", "zsaq ascent=false"]
 
