@@ -23,25 +23,17 @@ nothing here is typed in by hand. A new summary becomes the evidence by changing
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import paired  # noqa: E402  (bench/paired.py, beside this file)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BEGIN = "<!-- standing:begin (bench/standing.py --readme) -->"
 END = "<!-- standing:end -->"
-
-
-def _paired():
-    """``bench/paired.py``, loaded from beside this file."""
-    spec = importlib.util.spec_from_file_location("bench_paired", Path(__file__).with_name("paired.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-paired = _paired()
 
 
 class Target(NamedTuple):
