@@ -157,10 +157,6 @@ def _ratio_lines(results: Path) -> list[str]:
 def update_readme(readme: Path, results: Path) -> None:
     """Replace the text between the results markers of ``readme`` with the ratio summary of every run and a
     link to the full tables (``RESULTS.md`` in ``results``: the README holds no copy of them)."""
-    begin, end = "<!-- results:begin (bench/render.py --readme) -->", "<!-- results:end -->"
-    text = readme.read_text()
-    if begin not in text or end not in text:
-        raise SystemExit(f"{readme} lacks the markers {begin} ... {end}")
     tables = (results / "RESULTS.md").relative_to(readme.parent)
     body = "\n".join([
         "### Every benchmark run", "",
@@ -169,8 +165,16 @@ def update_readme(readme: Path, results: Path) -> None:
         *_ratio_lines(results), "",
         f"Each run's table, with its machine, date, command and plot: [`{tables}`]({tables}) (written by the same "
         "command).", ""])
+    replace_between(readme, "<!-- results:begin (bench/render.py --readme) -->", "<!-- results:end -->", body)
+
+
+def replace_between(path: Path, begin: str, end: str, body: str) -> None:
+    """Put ``body`` between the marker lines ``begin`` and ``end`` of ``path`` (a generated part of a document)."""
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path} lacks the markers {begin} ... {end}")
     head, rest = text.split(begin, 1)
-    readme.write_text(head + begin + "\n" + body + rest[rest.index(end) :])
+    path.write_text(head + begin + "\n" + body + rest[rest.index(end) :])
 
 
 def main(argv: list[str] | None = None) -> None:

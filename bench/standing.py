@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import paired  # noqa: E402  (bench/paired.py, beside this file)
+from render import replace_between  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BEGIN = "<!-- standing:begin (bench/standing.py --readme) -->"
@@ -171,13 +172,11 @@ def table(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, results: Path = RESULTS) -> None:
-    """Replace the text between the standing markers of ``readme`` with the table."""
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme} lacks the markers {BEGIN} ... {END}")
-    head, rest = text.split(BEGIN, 1)
-    readme.write_text(head + BEGIN + "\n" + table(results) + "\n" + rest[rest.index(END):])
+def update_readme(readme: Path, results: Path = RESULTS) -> str:
+    """Replace the text between the standing markers of ``readme`` with the table; return the table."""
+    text = table(results)
+    replace_between(readme, BEGIN, END, text + "\n")
+    return text
 
 
 def main() -> None:
@@ -185,9 +184,7 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of the summaries (default: %(default)s)")
     p.add_argument("--readme", type=Path, help="also rewrite the table between this README's standing markers")
     args = p.parse_args()
-    print(table(args.results))
-    if args.readme:
-        update_readme(args.readme, args.results)
+    print(update_readme(args.readme, args.results) if args.readme else table(args.results))
 
 
 if __name__ == "__main__":
