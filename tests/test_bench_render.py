@@ -416,3 +416,21 @@ def test_seeds_again_writes_a_summary_from_its_own_command_with_runs_added(tmp_p
     (tmp_path / "other.json").write_text(json.dumps({"command": "python bench/quality.py --tag x"}))
     with pytest.raises(SystemExit, match="not written by bench/seeds.py"):
         seeds.again_argv(tmp_path / "other.json", [])
+
+
+def test_seedtable_prints_the_rows_per_seed_from_a_summary(tmp_path):
+    seedtable = _load("seedtable")
+    summary = json.loads((_standing_results(tmp_path, _load("seeds")) / "summary.json").read_text())
+    text = seedtable.table(summary, [("zsaq", "zsaq, SAM quantized"), ("`self_sample`", "self_sample, SAM quantized")])
+    assert text.splitlines() == [
+        "| rows | seed 0 | seed 1 | seed 2 | seed 3 | mean of the seeds shown | KL / top-1, mean over its seeds |",
+        "|---|---|---|---|---|---|---|",
+        "| zsaq | +3.000 | +2.800 | +2.600 | +3.200 | +2.900 | 0.2000 / 77.00% |",
+        "| `self_sample` | +3.300 | +3.300 |  |  | +3.300 | 0.2000 / 77.00% |",
+    ]
+    text = seedtable.table(summary, [("rtn", "rtn")], seeds=["1", "2"])
+    assert text.splitlines()[2] == "| rtn |  |  | - | 0.2000 / 77.00% |"
+    with pytest.raises(SystemExit, match="no row 'zsaq rho=0, SAM quantized'.*'zsaq rho=0'"):
+        seedtable.table(summary, [("x", "zsaq rho=0, SAM quantized")])
+    assert seedtable.parse_row("`rho=0`|zsaq rho=0") == ("`rho=0`", "zsaq rho=0")
+    assert seedtable.parse_row("zsaq rho=0") == ("zsaq rho=0", "zsaq rho=0")
