@@ -138,9 +138,6 @@ ROWS = {
                                                "method.ascent=false", "method.lr=2e-5"],
     "self_sample block-warmup lr=2e-5": ["method.name=self_sample", "method.block_warmup_steps=BLOCK",
                                          "method.lr=2e-5"],
-    # a smaller SAM radius after the warm-up (0.02 instead of 0.05): on the pool of 128 with the warm-up, rho=0 was
-    # ahead of the default at W4A8 (bench/README.md, "SAM and noise on the default recipe")
-    "zsaq block-warmup rho=0.02": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.rho=0.02"],
 }
 DEFAULT_ROWS = ["rtn", "noise", "self_sample", "zsaq", "zsaq rho=0", "zsaq ascent=false"]
 
