@@ -81,14 +81,15 @@ TARGETS = [
            _peer({"method": "HQQ", "group_size": 64}, 4, False)),
     *(Target("beats `self_sample`", s, "paired", f, ZSAQ, f"self_sample block-warmup {POOL}", held_out=h)
       for s, f, h in (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD), ("W4 g64 asym", W4, W4_HELD))),
+    *(Target("beats `noise`", s, "paired", f, ZSAQ, "noise, SAM quantized", held_out=h,
+             note="`noise` uses no seed sequences, so no warm-up: 40 game steps from RTN")
+      for s, f, h in (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD))),
     Target("beats `noise`", "W4 g64 asym", "paired", "quality_cpu-40steps-seeds.json", "zsaq, SAM quantized",
-           "noise, SAM quantized", note="from RTN, no warm-up, 32 seed sequences; `noise` not run since"),
+           "noise, SAM quantized", note="from RTN, no warm-up, 32 seed sequences; `noise` not run on 128 at W4"),
+    *(Target("SAM helps (`rho=0` worse)", s, "paired", f, ZSAQ, "zsaq block-warmup rho=0 pool=128", held_out=h)
+      for s, f, h in (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD))),
     Target("SAM helps (`rho=0` worse)", "W4 g64 asym", "paired", W4, "zsaq block-warmup pool=32, SAM quantized",
            "zsaq block-warmup rho=0 pool=32", note="32 seed sequences; `rho=0` not run on 128"),
-    Target("SAM helps (`rho=0` worse)", "W3 g64", "paired", W3, "zsaq block-warmup pool=32, SAM quantized",
-           "zsaq block-warmup rho=0 pool=32", note="32 seed sequences; `rho=0` not run on 128"),
-    Target("SAM helps (`rho=0` worse)", "W4A8", "paired", "quality_gpu-80steps-seeds.json", "zsaq, SAM quantized",
-           "zsaq rho=0", key="w4a8", note="H100, 80 steps from RTN, no warm-up; `rho=0` not run with the warm-up"),
     *(Target("the ascent helps (`ascent=false` worse)", s, "paired", f, ZSAQ,
              f"zsaq block-warmup ascent=false {POOL}", held_out=h)
       for s, f, h in (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD), ("W4 g64 asym", W4, W4_HELD))),
