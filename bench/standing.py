@@ -83,9 +83,7 @@ TARGETS = [
       for s, f, h in (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD), ("W4 g64 asym", W4, W4_HELD))),
     *(Target("beats `noise`", s, "paired", f, ZSAQ, "noise, SAM quantized", held_out=h,
              note="`noise` uses no seed sequences, so no warm-up: 40 game steps from RTN")
-      for s, f, h in (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD))),
-    Target("beats `noise`", "W4 g64 asym", "paired", "quality_cpu-40steps-seeds.json", "zsaq, SAM quantized",
-           "noise, SAM quantized", note="from RTN, no warm-up, 32 seed sequences; `noise` not run on 128 at W4"),
+      for s, f, h in (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD), ("W4 g64 asym", W4, W4_HELD))),
     *(Target("SAM helps (`rho=0` worse)", s, "paired", f, ZSAQ, "zsaq block-warmup rho=0 pool=128", held_out=h)
       for s, f, h in (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD))),
     Target("SAM helps (`rho=0` worse)", "W4 g64 asym", "paired", W4, "zsaq block-warmup pool=32, SAM quantized",
