@@ -68,6 +68,8 @@ POOL = "pool=128, SAM quantized"
 ZSAQ = f"zsaq block-warmup {POOL}"
 ZSAQ_LR = f"zsaq block-warmup lr=2e-5 {POOL}"
 RTN = {"method": "RTN (zsaq_dist)", "group_size": 64}
+# the settings, each with its summary and the summary of the same runs scored on held-out tokens
+SETTINGS = (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD), ("W4 g64 asym", W4, W4_HELD))
 
 
 def _peer(method: dict, bits: int, symmetric: bool) -> tuple[str, dict]:
@@ -80,17 +82,17 @@ TARGETS = [
     Target("below calibration-free HQQ", "W4 g64 asym", "below", W4, ZSAQ,
            _peer({"method": "HQQ", "group_size": 64}, 4, False)),
     *(Target("beats `self_sample`", s, "paired", f, ZSAQ, f"self_sample block-warmup {POOL}", held_out=h)
-      for s, f, h in (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD), ("W4 g64 asym", W4, W4_HELD))),
+      for s, f, h in SETTINGS),
     *(Target("beats `noise`", s, "paired", f, ZSAQ, "noise, SAM quantized", held_out=h,
              note="`noise` uses no seed sequences, so no warm-up: 40 game steps from RTN")
-      for s, f, h in (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD), ("W4 g64 asym", W4, W4_HELD))),
+      for s, f, h in SETTINGS),
     *(Target("SAM helps (`rho=0` worse)", s, "paired", f, ZSAQ, "zsaq block-warmup rho=0 pool=128", held_out=h)
-      for s, f, h in (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD))),
+      for s, f, h in SETTINGS[:2]),
     Target("SAM helps (`rho=0` worse)", "W4 g64 asym", "paired", W4, "zsaq block-warmup pool=32, SAM quantized",
            "zsaq block-warmup rho=0 pool=32", note="32 seed sequences; `rho=0` not run on 128"),
     *(Target("the ascent helps (`ascent=false` worse)", s, "paired", f, ZSAQ,
              f"zsaq block-warmup ascent=false {POOL}", held_out=h)
-      for s, f, h in (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD), ("W4 g64 asym", W4, W4_HELD))),
+      for s, f, h in SETTINGS),
     # not the default: the game's lr at 2e-5 instead of 5e-5 (bench/README.md, "A gentler game at W4")
     *(Target(claim, f"W4 g64 asym, zsaq at game lr 2e-5{against}", "paired", W4, ZSAQ_LR, ref, held_out=W4_HELD,
              note="game lr 2e-5 is not the default (5e-5)")
