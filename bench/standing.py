@@ -87,9 +87,7 @@ TARGETS = [
              note="`noise` uses no seed sequences, so no warm-up: 40 game steps from RTN")
       for s, f, h in SETTINGS),
     *(Target("SAM helps (`rho=0` worse)", s, "paired", f, ZSAQ, "zsaq block-warmup rho=0 pool=128", held_out=h)
-      for s, f, h in SETTINGS[:2]),
-    Target("SAM helps (`rho=0` worse)", "W4 g64 asym", "paired", W4, "zsaq block-warmup pool=32, SAM quantized",
-           "zsaq block-warmup rho=0 pool=32", note="32 seed sequences; `rho=0` not run on 128"),
+      for s, f, h in SETTINGS),
     *(Target("the ascent helps (`ascent=false` worse)", s, "paired", f, ZSAQ,
              f"zsaq block-warmup ascent=false {POOL}", held_out=h)
       for s, f, h in SETTINGS),
