@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import shlex
 import sys
 from collections.abc import Callable
@@ -62,8 +60,10 @@ def main(
         return
     if (err := check(args)) is not None:
         p.error(err)
+    from zsaq_dist.job import machine_line
+
     result = {
-        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus, {_accelerator()})",
+        "machine": machine_line(_accelerator()),
         "date": dt.date.today().isoformat(),
         "command": shlex.join(["python", f"bench/{name}.py", *sys.argv[1:]]),
         "setting": f"w4g64-{'sym' if args.symmetric else 'asym'}",

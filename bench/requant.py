@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -36,6 +34,7 @@ from zsaq_dist.config import ModelCfg, QuantCfg
 from zsaq_dist.data.text import encode_text, load_eval_text, text_identity
 from zsaq_dist.eval import evaluate
 from zsaq_dist.io.load import load_model
+from zsaq_dist.job import machine_line
 from zsaq_dist.minimax.student import make_student
 from zsaq_dist.quant.prepare import quant_modules
 
@@ -91,7 +90,7 @@ def main() -> None:
         diff, total = moved(model, student)
         rows.append(row(f"re-quantized, {observer} observer", student, weights_moved=diff, weights=total))
     result = {
-        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus, cpu)",
+        "machine": machine_line("cpu"),
         "date": dt.date.today().isoformat(),
         "command": shlex.join(["python", "bench/requant.py", *sys.argv[1:]]),
         "model": args.model,

@@ -34,6 +34,9 @@ def test_quantize_verify_reload_rtn(tmp_path, capsys):
     assert main(["verify", str(out)]) == 0
     report = json.loads((out / "zsaq_report.json").read_text())
     assert report["quantized_layers"] == 14 and report["real_data_used_for_training"] is False
+    # float rounding, and so a trained run's exact numbers, depend on the CPU's kernels: the report names them
+    assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert report["machine"]["cpu"] and report["machine"]["threads"] == torch.get_num_threads()
 
     from transformers import AutoModelForCausalLM
 

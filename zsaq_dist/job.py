@@ -7,6 +7,7 @@ worker; ``run_quantize`` is the single-process path (``dist.launcher: local``).
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from typing import Any
@@ -76,6 +77,33 @@ def quant_summary(student: nn.Module) -> dict[str, Any]:
     return {"quantized_layers": len(mods), "quantized_params": qparams, "total_params": total}
 
 
+def machine() -> dict[str, Any]:
+    """The interpreter, torch, and the CPU whose kernels (and thread count) round this process's floats.
+
+    A trained run reproduces bit for bit only on the same kernels at the same thread count: an AVX2 and an
+    AVX512 machine sum the same matrix products in different orders, and the game carries that into other codes.
+    """
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host": platform.machine(),
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def machine_line(device: str) -> str:
+    """One line for a benchmark's ``machine`` field: host name, architecture, CPU and its kernels, CPUs, device."""
+    m = machine()
+    return f"{platform.node()} ({m['host']}, {m['cpu']}, {m['cpu_capability']}, {os.cpu_count()} cpus, {device})"
+
+
 def base_report(cfg: Config) -> dict[str, Any]:
     """Provenance common to every report."""
     report = {
@@ -83,7 +111,7 @@ def base_report(cfg: Config) -> dict[str, Any]:
         "config": cfg.model_dump(mode="json"),
         "config_hash": cfg.hash(),
         "format": cfg.quant.format,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "host": platform.machine()},
+        "machine": machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "real_data_used_for_training": False,
     }
