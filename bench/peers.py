@@ -215,17 +215,16 @@ def teacher_row(model_dir: str, data: dict, budget: dict) -> dict:
 
 
 def machine() -> str:
-    """CPU model, core count and memory, as one line."""
-    cpu = platform.processor() or platform.machine()
+    """CPU model and torch's kernels on it, core count and memory, as one line."""
+    from zsaq_dist.job import machine as host
+
+    m = host()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (OSError, ValueError):
         mem = float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} (shared machine)"
+    return (f"{m['cpu']} ({m['cpu_capability']}), {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} "
+            "(shared machine)")
 
 
 LABELS = {"rtn": "RTN (zsaq_dist)", "hqq": "HQQ", "gptq": "GPTQ (llm-compressor)", "awq": "AWQ (llm-compressor)"}

@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,8 +86,10 @@ def machine() -> dict[str, Any]:
     """
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
         pass
     return {
         "python": platform.python_version(),
