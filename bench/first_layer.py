@@ -42,6 +42,9 @@ def main() -> None:
     tree = Path(args.tree).resolve()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
                             check=True).stdout.strip()
+    # the code that runs is the tree's, not its commit's, where the two differ
+    if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "zsaq_dist"], cwd=tree).returncode != 0:
+        commit += "-dirty"
     demo = fetch_demo_model()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
