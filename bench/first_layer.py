@@ -7,7 +7,8 @@ quickstart recipe (``configs/quickstart.yaml``) in this process's interpreter wi
 one game step and 512 evaluation tokens (about a minute on 2 cores), with an empty seed cache, and reads layer
 0's error of the RTN student against the teacher on the recipe's own seed sequences, measured before the
 warm-up trains that layer. Two machines, or two code trees, that give the same number round the same way up to
-there; where it differs, their quickstart numbers will differ too, and both are valid runs.
+there; where it differs, their quickstart numbers will differ too, and both are valid runs. The seed set's
+hash (``seed_data``, from trees that record it) tells whether the difference began in the teacher's sampling.
 
     python bench/first_layer.py                        # this checkout -> bench/results/quickstart/first_layer-<commit>.json
     git worktree add /tmp/wt_old b6debb0 && python bench/first_layer.py --tree /tmp/wt_old   # another commit's code
@@ -69,6 +70,8 @@ def main() -> None:
         # repr: every digit of the float, which is the point
         "layer0_error_before": repr(layers[0]["loss_before"]),
         "layer1_error_before": repr(layers[1]["loss_before"]),
+        # the seed set it was measured on (its tokens' hash: sampling rounds too); null from trees before the record
+        "seed_data": report["history"].get("seed_data"),
     }
     dest = Path(args.out or ROOT / "bench" / "results" / "quickstart" / f"first_layer-{commit}.json")
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ the seeds at which A is lower, ``SE`` the standard error of ``M`` over those see
 differences / sqrt(N)), and the verdict ``ahead`` or ``behind`` when ``|M|`` is at least two standard errors,
 else ``level``. The numbers are the summary's own ``paired`` entries (written by ``bench/seeds.py``), only turned
 round to A's side; the sentences about seeds in ``bench/README.md`` and the README are these lines.
+Where both rows' runs recorded the seed set they trained on, the line ends ``; the same seed set at K of M seeds``:
+a gap at a seed where the sets differ is the data's as much as the method's.
 ``--setting`` picks the setting when a summary holds several; ``--json`` prints the same as JSON.
 """
 
@@ -47,6 +49,7 @@ def compare(summary: dict, a: str, b: str, setting: str | None = None) -> dict:
     return {
         "setting": q["setting"], "a": a, "b": b, "seeds": q["seeds"],
         "a_wins": q["a_wins"] if flip else q["b_wins"], "mean": mean, "se": se, "verdict": verdict,
+        **{k: q[k] for k in ("seed_sets_recorded", "same_seed_set") if k in q},
     }
 
 
@@ -73,7 +76,14 @@ def main() -> None:
         print(json.dumps(found, indent=1))
         return
     for c in found:
-        print(f"{c['a']} against {c['b']}: {words(c)} ({c['verdict']})")
+        print(f"{c['a']} against {c['b']}: {words(c)} ({c['verdict']}){seed_sets(c)}")
+
+
+def seed_sets(c: dict) -> str:
+    """``; the same seed set at K of M seeds`` where the runs recorded theirs (M: seeds at which both did), else ''."""
+    if "seed_sets_recorded" not in c:
+        return ""
+    return f"; the same seed set at {c['same_seed_set']} of {c['seed_sets_recorded']} seeds"
 
 
 if __name__ == "__main__":

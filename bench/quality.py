@@ -225,6 +225,9 @@ def run_row(
             "sam_space": m.get("sam_space") if m["name"] != "rtn" and m["steps"] > 0 and m.get("rho", 0) > 0 else None,
             # a new set of seed sequences for each pass of the game over them (absent in runs made before the option)
             "fresh_per_epoch": bool(m.get("seed_data", {}).get("fresh_per_epoch")),
+            # the seed set the run trained on: sequences, seq_len and the SHA-256 of its token ids (None for rtn and
+            # noise, and in runs made before the trainer recorded it); rows agree on it only where it is the same
+            "seed_data": report.get("history", {}).get("seed_data"),
             # the block warm-up as the row ran it (steps per decoder layer, lr and the margin its weights were moved
             # inside their bins: 0 in runs made before that option), None without one
             "block_warmup": ({"steps": m["block_warmup_steps"], "lr": m["block_warmup_lr"],

@@ -19,7 +19,9 @@ name does not say so gets `` margin=M``; one trained on new seed sequences every
 Writes a ``quality``-style JSON (so ``bench/render.py`` shows it): one row per method with the mean
 of ``ppl``, ``dppl``, ``kl``, ``top1``, ``seconds`` (and ``train_kl`` where every seed has it) over seeds
 and ``per_seed`` (Δppl per seed), and ``paired``: for every pair of methods, the mean difference of Δppl over the seeds they share and
-how many seeds the first one wins (ties count for neither) and the spread (``sd``) of the differences;
+how many seeds the first one wins (ties count for neither) and the spread (``sd``) of the differences, and, where
+both rows' runs recorded the seed set they trained on (``seed_data.tokens_sha256``, in ``seed_sets`` per row),
+``same_seed_set`` of ``seed_sets_recorded`` seeds;
 its note lists the pairs with the default ``zsaq`` row (``--ref``: another row), each gap with its standard
 error. A PNG next to it shows each seed's Δppl and the mean per method.
 """
@@ -123,6 +125,9 @@ def summarise(runs: list[Path], latent: set[Path], default_space: str, pool_labe
             row["train_kl"] = statistics.fmean(by_seed[s]["train_kl"] for s in seeds)
         row["per_seed"] = " / ".join(f"{s}: {by_seed[s]['dppl']:+.3f}" for s in seeds)
         row["seeds"] = {str(s): by_seed[s]["dppl"] for s in seeds}
+        sets = {str(s): (by_seed[s].get("seed_data") or {}).get("tokens_sha256") for s in seeds}
+        if any(sets.values()):  # runs written since the trainer records its seed set (None: one that did not)
+            row["seed_sets"] = sets
         rows.append(row)
     rows.sort(key=lambda r: (r["setting"], r["dppl"]))
     paired = []
@@ -145,9 +150,23 @@ def summarise(runs: list[Path], latent: set[Path], default_space: str, pool_labe
                 "sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
                 "a_wins": sum(d < 0 for d in diffs),
                 "b_wins": sum(d > 0 for d in diffs),
+                **same_seed_sets(a, b, shared),
             }
         )
     return {"rows": rows, "paired": paired, "sources": sources}
+
+
+def same_seed_sets(a: dict, b: dict, shared: list[str]) -> dict[str, int]:
+    """Of the shared seeds at which both rows recorded their seed set, how many had the same one.
+
+    ``{}`` where none did. A pair is a control for the method only where the sets match: rows of another pool size
+    train on others, and so can the same settings on another machine, whose rounding samples other tokens.
+    """
+    sa, sb = a.get("seed_sets") or {}, b.get("seed_sets") or {}
+    known = [s for s in shared if sa.get(s) and sb.get(s)]
+    if not known:
+        return {}
+    return {"seed_sets_recorded": len(known), "same_seed_set": sum(sa[s] == sb[s] for s in known)}
 
 
 def notes(paired: list[dict], ref: str) -> list[str]:

@@ -272,6 +272,36 @@ def test_paired_words_a_summary_pair_from_either_side(tmp_path):
         paired.compare(summary, "zsaq", q)
 
 
+def test_paired_counts_the_seeds_at_which_both_rows_trained_on_the_same_seed_set(tmp_path, capsys, monkeypatch):
+    """Seed 0: both rows record set "a"; seed 1: zsaq "b", self_sample "c" (another pool, or another machine's
+    rounding); seed 2: self_sample's run predates the record. A summary of older runs carries no such count."""
+    seeds, paired = _load("seeds"), _load("paired")
+    fp = {"setting": "fp", "method": "fp", "dppl": 0.0}
+
+    def row(method, dppl, sha):
+        r = _row(method, 4, False, "self-generated (zero-shot)", 10.0 + dppl, 0.2, 0.77)
+        data = {"sequences": 128, "seq_len": 64, "tokens_sha256": sha} if sha else None
+        return {**r, "setting": "w4", "sam_space": "quantized", "seed_data": data}
+
+    sets = {0: ("a", "a"), 1: ("b", "c"), 2: ("d", None)}
+    runs = [_quality_run(tmp_path / f"s{s}.json", s, [fp, row("zsaq", 2.7, z), row("self_sample", 2.9, q)])
+            for s, (z, q) in sets.items()]
+    summary = seeds.summarise(runs, set(), "quantized")
+    z, q = "zsaq, SAM quantized", "self_sample, SAM quantized"
+    by = {r["method"]: r for r in summary["rows"]}
+    assert by[z]["seed_sets"] == {"0": "a", "1": "b", "2": "d"} and by[q]["seed_sets"] == {"0": "a", "1": "c", "2": None}
+    c = paired.compare(summary, z, q)
+    assert (c["seeds"], c["seed_sets_recorded"], c["same_seed_set"]) == (3, 2, 1)
+    (tmp_path / "sum.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(sys, "argv", ["paired.py", str(tmp_path / "sum.json"), z, q])
+    paired.main()
+    assert capsys.readouterr().out.strip().endswith("(ahead); the same seed set at 1 of 2 seeds")
+    old = seeds.summarise([_quality_run(tmp_path / "o.json", 0, [fp, row("zsaq", 2.7, None),
+                                                                 row("self_sample", 2.9, None)])], set(), "quantized")
+    assert "seed_sets" not in old["rows"][0] and "same_seed_set" not in old["paired"][0]
+    assert paired.seed_sets(paired.compare(old, z, q)) == ""
+
+
 def test_quality_records_a_failed_row_runs_the_rest_and_exits_nonzero(tmp_path, monkeypatch):
     quality = _load("quality")
     import zsaq_dist.io.demo as demo

@@ -118,7 +118,7 @@ def _reference(root: Path, model_dir: str, sam_space: str = "latent", change=Non
     ev = job.evaluate_in_memory(teacher, student, tok, cfg)
     out = export_checkpoint(student, tok, cfg, {}, progress=False)
     return {"loss": hist["loss"], "grad_norm": norms, "tensors": _tensors(out), "eval": ev,
-            "block_warmup": hist.get("block_warmup")}
+            "block_warmup": hist.get("block_warmup"), "seed_data": hist["seed_data"]}
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +158,7 @@ def test_two_workers_match_single_process(ray_local, root, model_dir, reference,
         assert rep["eval"][who]["ppl"] == pytest.approx(reference["eval"][who]["ppl"], rel=1e-4)
     assert rep["eval"]["quantized"]["kl"] == pytest.approx(reference["eval"]["quantized"]["kl"], abs=1e-5)
     assert rep["eval"]["tokens_sha256"] == reference["eval"]["tokens_sha256"]  # the same tokens were scored
+    assert hist["seed_data"] == reference["seed_data"]  # and trained on the same seed set
     assert rep["eval"]["text"] == reference["eval"]["text"]
     # each rank holds about half: the whole student (ZeRO-3) or its trainable state (ZeRO-2); teacher ZeRO-3
     parts = d["student_partition_numel"]

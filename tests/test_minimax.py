@@ -228,6 +228,23 @@ def test_seeded_runs_reproduce_exactly(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_history_names_the_seed_set_it_trained_on(tmp_path):
+    """``seed_data`` holds the size and the SHA-256 of the int64 token ids the run loaded (the cache's file); another
+    seed draws another set, and ``noise``, which reads none, records none."""
+    import hashlib
+
+    from zsaq_dist.minimax.trainer import load_seed_ids
+
+    cfg = _cfg(tmp_path, steps=1)
+    hist, _, teacher = _run(cfg)
+    ids = load_seed_ids(teacher, None, None, cfg.method)
+    want = hashlib.sha256(ids.numpy().astype("int64").tobytes()).hexdigest()
+    assert hist["seed_data"] == {"sequences": 4, "seq_len": 8, "tokens_sha256": want}
+    other, _, _ = _run(_cfg(tmp_path, steps=1, seed=1))
+    assert other["seed_data"]["sequences"] == 4 and other["seed_data"]["tokens_sha256"] != want
+    assert "seed_data" not in _run(_cfg(tmp_path, steps=1, name="noise"))[0]
+
+
 def _assert_same_run(h1, s1, h2, s2):
     """Two runs' histories (loss, KL, SAM loss, lr) and every student parameter are equal, bit for bit."""
     for k in ("loss", "kl", "sam_loss", "lr"):

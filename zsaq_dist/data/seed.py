@@ -31,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from zsaq_dist.config import MethodCfg, SeedDataCfg
+from zsaq_dist.data.text import tokens_sha256
 
 GEN_BATCH = 8  # sequences per forward; part of the numerics, so fixed (aligned chunks)
 # Part of every cache key: bump it whenever a change of this module changes the sequences it writes for
@@ -194,6 +195,15 @@ def cache_key(model_id: str, cfg: SeedDataCfg, seq_len: int, seed: int) -> str:
     d = {"model": model_id, "cfg": dump, "seq_len": seq_len, "seed": seed}
     d["generator_version"] = GENERATOR_VERSION
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def seed_identity(ids: torch.Tensor) -> dict[str, int | str]:
+    """What a run trained on: ``sequences``, ``seq_len`` and ``tokens_sha256`` of the seed set.
+
+    The cache key names the settings, not the tokens: on another CPU or GPU the teacher's sampling can
+    round its way to other sequences under the same key. Two runs saw the same seed data only if the hash matches.
+    """
+    return {"sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "tokens_sha256": tokens_sha256(ids)}
 
 
 def default_cache_dir() -> Path:

@@ -59,5 +59,10 @@ def text_identity(path: str | None, ids: torch.Tensor) -> dict[str, str]:
     the tokenizer or ``max_tokens`` does. Two results are comparable in perplexity only if it matches.
     """
     text = path if path is not None else f"pydoc_data.topics (Python {platform.python_version()})"
-    digest = hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-    return {"text": text, "tokens_sha256": digest}
+    return {"text": text, "tokens_sha256": tokens_sha256(ids)}
+
+
+def tokens_sha256(ids: torch.Tensor) -> str:
+    """SHA-256 of token ids as int64 in row-major order: equal exactly when the ids and their shape's
+    flattening are (a 1-D text or a batch of sequences alike)."""
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()

@@ -21,6 +21,7 @@ import torch
 
 from zsaq_dist import job
 from zsaq_dist.config import Config, validate
+from zsaq_dist.data.seed import seed_identity
 from zsaq_dist.dist import checkpoint
 from zsaq_dist.dist import load as dload
 from zsaq_dist.dist import sam as dsam
@@ -112,6 +113,8 @@ def _train(game: DistGame, cfg: Config, start: int, hist: dict | None, warmup: d
     hist = hist or {"mode": game.inp.mode, "method": m.name, **new_history(), "grad_norm": []}
     if warmup is not None:
         hist["block_warmup"] = warmup
+    if game.inp.seed_ids is not None:
+        hist["seed_data"] = seed_identity(game.inp.seed_ids)
     t_start = time.perf_counter()
     for step in range(start, m.steps):
         _maybe_fail(cfg, step)

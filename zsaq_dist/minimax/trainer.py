@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from zsaq_dist.config import Config, MethodCfg
-from zsaq_dist.data.seed import load_or_generate, pool_cfg, sample_rng
+from zsaq_dist.data.seed import load_or_generate, pool_cfg, sample_rng, seed_identity
 from zsaq_dist.errors import ConfigError
 from zsaq_dist.minimax.blockwise import block_warmup
 from zsaq_dist.minimax.generator import (
@@ -275,6 +275,8 @@ def train(
     freeze(teacher)
     set_trainable(student, m.learnable_scales)
     seed_ids = None if mode == "noise" else load_seed_ids(teacher, seed_model, tokenizer, m, progress)
+    if seed_ids is not None:
+        hist["seed_data"] = seed_identity(seed_ids)
     if m.block_warmup_steps > 0:
         hist["block_warmup"] = block_warmup(teacher, student, seed_ids, m, m.learnable_scales, progress)
     torch.manual_seed(m.seed)  # the generator's initial weights
