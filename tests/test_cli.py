@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -104,7 +105,8 @@ def test_seeds_writes_the_sequences_quantize_trains_on(tmp_path, capsys):
     recipe = _recipe(tmp_path, model_dir, seq_len=10, seed=4, seed_data=seed)
     out = tmp_path / "seeds.jsonl"
     assert main(["seeds", str(recipe), "--out", str(out)]) == 0
-    assert "3 seed sequences x 10 tokens" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "3 seed sequences x 10 tokens" in printed
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     from zsaq_dist.config import ModelCfg
     from zsaq_dist.io.load import load_model
@@ -112,6 +114,7 @@ def test_seeds_writes_the_sequences_quantize_trains_on(tmp_path, capsys):
     teacher, tok = load_model(ModelCfg(path=model_dir))
     ids = load_or_generate(teacher, SeedDataCfg(**seed), 10, 4, tok)  # from the cache `seeds` filled
     assert [r["input_ids"] for r in rows] == ids.tolist()
+    assert f"tokens_sha256 {hashlib.sha256(ids.numpy().astype('int64').tobytes()).hexdigest()})" in printed
     assert all(r["attention_mask"] == [1] * 10 and isinstance(r["text"], str) for r in rows)
     assert main(["seeds", str(recipe), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
