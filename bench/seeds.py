@@ -14,7 +14,8 @@ default. Rows without SAM (``rho=0``, ``rtn``, the ``block-warmup`` row that run
 label. A row whose block warm-up moved its weights inside their bins (``block_warmup.margin`` > 0) and whose
 name does not say so gets `` margin=M``; one trained on new seed sequences every pass
 (``fresh_per_epoch``) gets `` fresh``. With ``--pool-label`` every trained row also gets its run's seed pool,
-`` pool=N`` (``budget.num_sequences``; per pass with ``fresh``), so runs that differ in it are told apart.
+`` pool=N`` (``budget.num_sequences``; per pass with ``fresh``), so runs that differ in it are told apart; with
+``--steps-label`` its game's length, `` steps=N`` (``budget.steps``), so one summary pairs a longer game with a shorter.
 
 Writes a ``quality``-style JSON (so ``bench/render.py`` shows it): one row per method with the mean
 of ``ppl``, ``dppl``, ``kl``, ``top1``, ``seconds`` (and ``train_kl`` where every seed has it) over seeds
@@ -65,10 +66,11 @@ def trains_end_to_end(method: str) -> bool:
     return "method.steps=0" not in QUALITY_ROWS.get(method, [])
 
 
-def label(row: dict, latent_file: bool, default_space: str, pool: int | None = None) -> str:
+def label(row: dict, latent_file: bool, default_space: str, pool: int | None = None, steps: int | None = None) -> str:
     """Method name with where its SAM perturbed, e.g. ``zsaq, SAM quantized``; rows without SAM as they are.
 
-    ``pool``: the run's seed sequences, appended as `` pool=N`` to rows that train on them.
+    ``pool``: the run's seed sequences, appended as `` pool=N`` to rows that train on them; ``steps`` likewise, its
+    game steps as `` steps=N``.
     """
     method = name = row["method"]
     margin = (row.get("block_warmup") or {}).get("margin")
@@ -78,6 +80,8 @@ def label(row: dict, latent_file: bool, default_space: str, pool: int | None = N
         method = f"{method} fresh"
     if pool is not None and not method.startswith(("rtn", "noise", "fp")):
         method = f"{method} pool={pool}"
+    if steps is not None and not method.startswith(("rtn", "fp")):
+        method = f"{method} steps={steps}"
     if method.startswith("rtn") or NO_SAM.search(method) or method == "fp" or not trains_end_to_end(name):
         return method
     if "sam=quantized" in method:
@@ -87,7 +91,9 @@ def label(row: dict, latent_file: bool, default_space: str, pool: int | None = N
     return f"{method}, SAM {space}"
 
 
-def summarise(runs: list[Path], latent: set[Path], default_space: str, pool_label: bool = False) -> dict:
+def summarise(
+    runs: list[Path], latent: set[Path], default_space: str, pool_label: bool = False, steps_label: bool = False
+) -> dict:
     groups: dict[tuple[str, str], dict[int, dict]] = {}
     sources = []
     for path in runs:
@@ -102,10 +108,11 @@ def summarise(runs: list[Path], latent: set[Path], default_space: str, pool_labe
             }
         )
         pool = result["budget"]["num_sequences"] if pool_label else None
+        steps = result["budget"]["steps"] if steps_label else None
         for row in result["rows"]:
             if row["method"] == "fp":
                 continue
-            key = (row["setting"], label(row, path.resolve() in latent, default_space, pool))
+            key = (row["setting"], label(row, path.resolve() in latent, default_space, pool, steps))
             if seed in groups.setdefault(key, {}):
                 raise SystemExit(f"{key} seed {seed} appears twice (again in {path}): pass each run once")
             groups[key][seed] = row
@@ -229,6 +236,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
     p.add_argument("--ref", help="the row the note pairs every other row with (default: the default zsaq row)")
     p.add_argument("--pool-label", action="store_true", help="label every trained row with its run's seed pool")
+    p.add_argument("--steps-label", action="store_true", help="label every trained row with its run's game steps")
     p.add_argument("--again", type=Path, metavar="SUMMARY",
                    help="write SUMMARY again with the command stored in it (its --runs, --latent, --out, ...)")
     p.add_argument("--add", nargs="+", default=[], metavar="RUN",
@@ -245,7 +253,8 @@ def again_argv(summary: Path, add: list[str]) -> list[str]:
     ns = parser().parse_args(words[2:])
     runs = ns.runs + [r for r in add if r not in ns.runs]
     argv = ["--runs", *runs] + (["--latent", *ns.latent] if ns.latent else []) + ["--out", ns.out]
-    return argv + (["--ref", ns.ref] if ns.ref else []) + (["--pool-label"] if ns.pool_label else [])
+    argv += (["--ref", ns.ref] if ns.ref else []) + (["--pool-label"] if ns.pool_label else [])
+    return argv + (["--steps-label"] if ns.steps_label else [])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -264,9 +273,12 @@ def main(argv: list[str] | None = None) -> None:
     from zsaq_dist.config import MethodCfg
 
     runs = [Path(r).resolve() for r in args.runs]
-    result = summarise(runs, {Path(r).resolve() for r in args.latent}, MethodCfg().sam_space, args.pool_label)
+    latent = {Path(r).resolve() for r in args.latent}
+    result = summarise(runs, latent, MethodCfg().sam_space, args.pool_label, args.steps_label)
     first = json.loads(runs[0].read_text())
-    budget = {k: v for k, v in (first.get("budget") or {}).items() if not (args.pool_label and k == "num_sequences")}
+    # what the row names carry instead
+    labelled = ({"num_sequences"} if args.pool_label else set()) | ({"steps"} if args.steps_label else set())
+    budget = {k: v for k, v in (first.get("budget") or {}).items() if k not in labelled}
     result = {
         "machine": first["machine"],
         "date": max(s["date"] for s in result["sources"]),

@@ -448,6 +448,35 @@ def test_seeds_again_writes_a_summary_from_its_own_command_with_runs_added(tmp_p
         seeds.again_argv(tmp_path / "other.json", [])
 
 
+def test_seeds_steps_label_pairs_a_longer_game_with_a_shorter_at_each_seed(tmp_path, monkeypatch):
+    """Runs of 40 and 80 game steps at seeds 0 and 1: with ``--steps-label`` they are rows of one summary, paired
+    per seed; without it the same method at one seed twice is refused. The stored command keeps the flag."""
+    seeds = _load("seeds")
+    fp = {"setting": "fp", "method": "fp", "dppl": 0.0}
+    row = {**_row("zsaq", 4, False, "self-generated (zero-shot)", 13.0, 0.2, 0.77), "setting": "w4", "sam_space": "quantized"}
+    runs = []
+    for steps, dppl in ((40, (3.0, 3.2)), (80, (2.7, 3.1))):
+        for seed in (0, 1):
+            path = _quality_run(tmp_path / f"s{steps}-{seed}.json", seed, [fp, {**row, "dppl": dppl[seed]}], pool=128)
+            result = json.loads(path.read_text())
+            path.write_text(json.dumps({**result, "budget": {**result["budget"], "steps": steps}}))
+            runs.append(path)
+    with pytest.raises(SystemExit, match="appears twice"):
+        seeds.summarise(runs, set(), "quantized", pool_label=True)
+    out = seeds.summarise(runs, set(), "quantized", pool_label=True, steps_label=True)
+    assert {r["method"] for r in out["rows"]} == {"zsaq pool=128 steps=40, SAM quantized",
+                                                  "zsaq pool=128 steps=80, SAM quantized"}
+    pair = next(q for q in out["paired"] if {q["a"], q["b"]} == {"zsaq pool=128 steps=40, SAM quantized",
+                                                                 "zsaq pool=128 steps=80, SAM quantized"})
+    longer_minus_shorter = pair["mean_a_minus_b"] * (1 if "steps=80" in pair["a"] else -1)
+    assert pair["seeds"] == 2 and longer_minus_shorter == pytest.approx(-0.2)
+    monkeypatch.chdir(tmp_path)
+    seeds.main(["--runs", *[p.name for p in runs], "--out", "sum.json", "--pool-label", "--steps-label"])
+    written = json.loads((tmp_path / "sum.json").read_text())
+    assert written["budget"] is None  # pool and steps are in the row names instead
+    assert seeds.again_argv(tmp_path / "sum.json", [])[-2:] == ["--pool-label", "--steps-label"]
+
+
 def test_seedtable_prints_the_rows_per_seed_from_a_summary(tmp_path):
     seedtable = _load("seedtable")
     summary = json.loads((_standing_results(tmp_path, _load("seeds")) / "summary.json").read_text())
