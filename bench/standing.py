@@ -64,6 +64,9 @@ W3, W3_HELD = "quality_cpu-40steps-block-w3g64-pool-seeds.json", \
     "quality_cpu-40steps-block-w3g64-pool128-after4096-16384-seeds.json"
 W4A8, W4A8_HELD = "quality_cpu-40steps-block-w4a8-pool-seeds.json", \
     "quality_cpu-40steps-block-w4a8-pool128-after4096-16384-seeds.json"
+# the default and its SAM ablation at 40 and 80 game steps, one summary with the game's length in the row names
+W4_STEPS, W4_STEPS_HELD = "quality_cpu-block-w4g64-asym-pool128-steps-seeds.json", \
+    "quality_cpu-block-w4g64-asym-pool128-steps-after4096-16384-seeds.json"
 POOL = "pool=128, SAM quantized"
 ZSAQ = f"zsaq block-warmup {POOL}"
 ZSAQ_LR = f"zsaq block-warmup lr=2e-5 {POOL}"
@@ -101,6 +104,10 @@ TARGETS = [
           ("beats `self_sample`", ", `self_sample` at 5e-5", f"self_sample block-warmup {POOL}"),
           ("the ascent helps (`ascent=false` worse)", ", the ablation too",
            f"zsaq block-warmup ascent=false lr=2e-5 {POOL}"))),
+    # not the CPU budget: a game twice as long (bench/README.md, "SAM in a longer game at W4 g64 asym")
+    Target("SAM helps (`rho=0` worse)", "W4 g64 asym, 80 game steps", "paired", W4_STEPS,
+           "zsaq block-warmup pool=128 steps=80, SAM quantized", "zsaq block-warmup rho=0 pool=128 steps=80",
+           held_out=W4_STEPS_HELD, note="80 game steps (2.5 passes over the 128 sequences) is not the CPU budget (40)"),
 ]
 
 
