@@ -63,6 +63,6 @@ def text_identity(path: str | None, ids: torch.Tensor) -> dict[str, str]:
 
 
 def tokens_sha256(ids: torch.Tensor) -> str:
-    """SHA-256 of token ids as int64 in row-major order: equal exactly when the ids and their shape's
-    flattening are (a 1-D text or a batch of sequences alike)."""
+    """SHA-256 of token ids as int64 in row-major order: two tensors hash alike exactly when their ids do, in
+    that order (a 1-D text or a batch of sequences; the shape itself is not hashed, so say it beside the hash)."""
     return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
