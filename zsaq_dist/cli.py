@@ -128,7 +128,7 @@ def cmd_seeds(args: argparse.Namespace) -> int:
 
     from zsaq_dist import job
     from zsaq_dist.config import load_config
-    from zsaq_dist.data.seed import seed_identity
+    from zsaq_dist.data.text import tokens_sha256
     from zsaq_dist.minimax.trainer import load_seed_ids
 
     cfg = load_config(args.config, list(args.set or []))
@@ -147,9 +147,9 @@ def cmd_seeds(args: argparse.Namespace) -> int:
                 rec["text"] = tok.decode(row)
             f.write(json.dumps(rec) + "\n")
     os.replace(tmp, out)
-    digest = seed_identity(ids)["tokens_sha256"]  # as a trained run's zsaq_report.json history.seed_data names it
+    # the hash a trained run's zsaq_report.json names it by (history.seed_data)
     print(f"wrote {ids.shape[0]} seed sequences x {ids.shape[1]} tokens to {out} (zero real data; "
-          f"tokens_sha256 {digest})")
+          f"tokens_sha256 {tokens_sha256(ids)})")
     return 0
 
 
