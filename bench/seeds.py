@@ -19,8 +19,10 @@ name does not say so gets `` margin=M``; one trained on new seed sequences every
 
 Writes a ``quality``-style JSON (so ``bench/render.py`` shows it): one row per method with the mean
 of ``ppl``, ``dppl``, ``kl``, ``top1``, ``seconds`` (and ``train_kl`` where every seed has it) over seeds
-and ``per_seed`` (Δppl per seed), and ``paired``: for every pair of methods, the mean difference of Δppl over the seeds they share and
-how many seeds the first one wins (ties count for neither) and the spread (``sd``) of the differences, and, where
+and ``per_seed`` (Δppl per seed; ``seeds`` and ``seeds_kl`` hold each seed's Δppl and KL), and ``paired``: for every pair
+of methods, the mean difference of Δppl over the seeds they share and
+how many seeds the first one wins (ties count for neither) and the spread (``sd``) of the differences, the same
+for the KL to the teacher under ``kl``, and, where
 both rows' runs recorded the seed set they trained on (``seed_data.tokens_sha256``, in ``seed_sets`` per row),
 ``same_seed_set`` of ``seed_sets_recorded`` seeds;
 its note lists the pairs with the default ``zsaq`` row (``--ref``: another row), each gap with its standard
@@ -132,6 +134,7 @@ def summarise(
             row["train_kl"] = statistics.fmean(by_seed[s]["train_kl"] for s in seeds)
         row["per_seed"] = " / ".join(f"{s}: {by_seed[s]['dppl']:+.3f}" for s in seeds)
         row["seeds"] = {str(s): by_seed[s]["dppl"] for s in seeds}
+        row["seeds_kl"] = {str(s): by_seed[s]["kl"] for s in seeds}
         sets = {str(s): (by_seed[s].get("seed_data") or {}).get("tokens_sha256") for s in seeds}
         if any(sets.values()):  # runs written since the trainer records its seed set (None: one that did not)
             row["seed_sets"] = sets
@@ -144,23 +147,33 @@ def summarise(
         shared = sorted(set(a["seeds"]) & set(b["seeds"]))
         if not shared:
             continue
-        diffs = [a["seeds"][s] - b["seeds"][s] for s in shared]
         paired.append(
             {
                 "setting": a["setting"],
                 "a": a["method"],
                 "b": b["method"],
                 "seeds": len(shared),
-                "mean_a_minus_b": statistics.fmean(diffs),
-                # spread of the paired differences over seeds (null with one seed): a mean gap smaller than
-                # its standard error (sd / sqrt(seeds)) is not told apart from 0 by these seeds
-                "sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
-                "a_wins": sum(d < 0 for d in diffs),
-                "b_wins": sum(d > 0 for d in diffs),
+                **differences(a["seeds"], b["seeds"], shared),
+                "kl": differences(a["seeds_kl"], b["seeds_kl"], shared),
                 **same_seed_sets(a, b, shared),
             }
         )
     return {"rows": rows, "paired": paired, "sources": sources}
+
+
+def differences(a: dict[str, float], b: dict[str, float], shared: list[str]) -> dict:
+    """``a`` minus ``b`` over the ``shared`` seeds: the mean, the spread and how many seeds each side is lower at.
+
+    ``sd`` is the spread of the paired differences over seeds (null with one seed): a mean gap smaller than its
+    standard error (sd / sqrt(seeds)) is not told apart from 0 by these seeds.
+    """
+    diffs = [a[s] - b[s] for s in shared]
+    return {
+        "mean_a_minus_b": statistics.fmean(diffs),
+        "sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
+        "a_wins": sum(d < 0 for d in diffs),
+        "b_wins": sum(d > 0 for d in diffs),
+    }
 
 
 def same_seed_sets(a: dict, b: dict, shared: list[str]) -> dict[str, int]:

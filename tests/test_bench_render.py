@@ -302,6 +302,41 @@ def test_paired_counts_the_seeds_at_which_both_rows_trained_on_the_same_seed_set
     assert paired.seed_sets(paired.compare(old, z, q)) == ""
 
 
+def test_paired_reads_the_kl_to_the_teacher_per_seed_as_it_reads_the_perplexity(tmp_path, capsys, monkeypatch):
+    """KL per seed: zsaq 0.170, 0.180, 0.175; rho=0 0.160, 0.172, 0.170 (rho=0 lower at 3 of 3; b minus a over
+    seeds -0.010, -0.008, -0.005: mean -0.00767, sd 0.002517, se 0.001453), while the perplexity calls it level."""
+    seeds, paired = _load("seeds"), _load("paired")
+    fp = {"setting": "fp", "method": "fp", "dppl": 0.0}
+
+    def row(method, dppl, kl):
+        r = _row(method, 4, False, "self-generated (zero-shot)", 10.0 + dppl, kl, 0.77)
+        return {**r, "setting": "w4", "sam_space": None if method.endswith("rho=0") else "quantized"}
+
+    per_seed = {0: ((2.7, 0.170), (2.8, 0.160)), 1: ((2.9, 0.180), (2.6, 0.172)), 2: ((2.6, 0.175), (2.7, 0.170))}
+    runs = [_quality_run(tmp_path / f"s{s}.json", s, [fp, row("zsaq", *z), row("zsaq rho=0", *r)])
+            for s, (z, r) in per_seed.items()]
+    summary = seeds.summarise(runs, set(), "quantized")
+    z, r = "zsaq, SAM quantized", "zsaq rho=0"
+    assert {x["method"]: x["seeds_kl"] for x in summary["rows"]}[z] == {"0": 0.170, "1": 0.180, "2": 0.175}
+    c = paired.compare(summary, z, r, metric="kl")
+    assert (c["metric"], c["seeds"], c["a_wins"], c["verdict"]) == ("kl", 3, 0, "behind")
+    assert c["mean"] == pytest.approx(-0.023 / 3) and c["se"] == pytest.approx(0.0014530, abs=1e-6)
+    assert paired.words(c) == "ahead at 0 of 3 seeds but behind on average, by 0.0077 ± 0.0015"
+    d = paired.compare(summary, z, r)  # the perplexity, the default: level
+    assert (d["metric"], d["a_wins"], d["verdict"]) == ("dppl", 2, "level")
+    assert paired.compare(summary, r, z, metric="kl")["verdict"] == "ahead"
+    (tmp_path / "sum.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(sys, "argv", ["paired.py", str(tmp_path / "sum.json"), z, r, "--metric", "kl"])
+    paired.main()
+    assert capsys.readouterr().out.startswith(f"{z} against {r} in KL: ahead at 0 of 3 seeds but behind")
+    with pytest.raises(SystemExit, match="unknown metric 'top1'"):
+        paired.compare(summary, z, r, metric="top1")
+    old = {**summary, "paired": [{k: v for k, v in q.items() if k != "kl"} for q in summary["paired"]]}
+    with pytest.raises(SystemExit, match="predates per-seed KL: write it again with python bench/seeds.py --again"):
+        paired.compare(old, z, r, metric="kl")
+    assert paired.compare(old, z, r)["mean"] == d["mean"]  # the perplexity still reads from an older summary
+
+
 def test_quality_records_a_failed_row_runs_the_rest_and_exits_nonzero(tmp_path, monkeypatch):
     quality = _load("quality")
     import zsaq_dist.io.demo as demo
