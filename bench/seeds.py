@@ -18,13 +18,12 @@ name does not say so gets `` margin=M``; one trained on new seed sequences every
 ``--steps-label`` its game's length, `` steps=N`` (``budget.steps``), so one summary pairs a longer game with a shorter.
 
 Writes a ``quality``-style JSON (so ``bench/render.py`` shows it): one row per method with the mean
-of ``ppl``, ``dppl``, ``kl``, ``top1``, ``seconds`` (and ``train_kl`` where every seed has it) over seeds
-and ``per_seed`` (Δppl per seed; ``seeds`` and ``seeds_kl`` hold each seed's Δppl and KL), and ``paired``: for every pair
-of methods, the mean difference of Δppl over the seeds they share and
-how many seeds the first one wins (ties count for neither) and the spread (``sd``) of the differences, the same
-for the KL to the teacher under ``kl``, and, where
-both rows' runs recorded the seed set they trained on (``seed_data.tokens_sha256``, in ``seed_sets`` per row),
-``same_seed_set`` of ``seed_sets_recorded`` seeds;
+of ``ppl``, ``dppl``, ``kl``, ``top1``, ``seconds`` (and ``train_kl`` where every seed has it) over seeds,
+``per_seed`` (Δppl per seed, as text) and each seed's Δppl and KL (``seeds``, ``seeds_kl``), and ``paired``: for
+every pair of methods, the mean difference of Δppl over the seeds they share, how many seeds the first one wins
+(ties count for neither) and the spread (``sd``) of the differences, the same for the KL to the teacher under
+``kl``, and, where both rows' runs recorded the seed set they trained on (``seed_data.tokens_sha256``, in
+``seed_sets`` per row), ``same_seed_set`` of ``seed_sets_recorded`` seeds;
 its note lists the pairs with the default ``zsaq`` row (``--ref``: another row), each gap with its standard
 error. A PNG next to it shows each seed's Δppl and the mean per method.
 """
