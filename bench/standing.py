@@ -70,6 +70,7 @@ W4_STEPS, W4_STEPS_HELD = "quality_cpu-block-w4g64-asym-pool128-steps-seeds.json
 POOL = "pool=128, SAM quantized"
 ZSAQ = f"zsaq block-warmup {POOL}"
 ZSAQ_LR = f"zsaq block-warmup lr=2e-5 {POOL}"
+NO_SAM = "zsaq block-warmup rho=0 pool=128"  # SAM's ablation: the same game with plain AdamW
 RTN = {"method": "RTN (zsaq_dist)", "group_size": 64}
 # the issue's settings, each with its summary and the summary of the same runs scored on held-out tokens
 SETTINGS = (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD), ("W4 g64 asym", W4, W4_HELD))
@@ -89,7 +90,7 @@ TARGETS = [
     *(Target("beats `noise`", s, "paired", f, ZSAQ, "noise, SAM quantized", held_out=h,
              note="`noise` uses no seed sequences, so no warm-up: 40 game steps from RTN")
       for s, f, h in SETTINGS),
-    *(Target("SAM helps (`rho=0` worse)", s, "paired", f, ZSAQ, "zsaq block-warmup rho=0 pool=128", held_out=h)
+    *(Target("SAM helps (`rho=0` worse)", s, "paired", f, ZSAQ, NO_SAM, held_out=h)
       for s, f, h in SETTINGS),
     *(Target("the ascent helps (`ascent=false` worse)", s, "paired", f, ZSAQ,
              f"zsaq block-warmup ascent=false {POOL}", held_out=h)
@@ -106,7 +107,7 @@ TARGETS = [
            f"zsaq block-warmup ascent=false lr=2e-5 {POOL}"))),
     # not the default: SAM's radius at 0.02 instead of 0.05 (bench/README.md, "A smaller SAM radius after the warm-up")
     *(Target("SAM helps (`rho=0` worse)", f"{s}, SAM radius 0.02", "paired", f, f"zsaq block-warmup rho=0.02 {POOL}",
-             "zsaq block-warmup rho=0 pool=128", held_out=h, note="SAM radius 0.02 is not the default (0.05)")
+             NO_SAM, held_out=h, note="SAM radius 0.02 is not the default (0.05)")
       for s, f, h in SETTINGS),
     # not the CPU budget: a game twice as long (bench/README.md, "SAM in a longer game at W4 g64 asym")
     Target("SAM helps (`rho=0` worse)", "W4 g64 asym, 80 game steps", "paired", W4_STEPS,
