@@ -90,15 +90,12 @@ TARGETS = [
     Target("at most half of RTN's increase", "W4A8", "ratio", W4A8, ZSAQ, "rtn", at_most=0.5),
     Target("below calibration-free HQQ", "W4 g64 asym", "below", W4, ZSAQ,
            _peer({"method": "HQQ", "group_size": 64}, 4, False)),
-    *(Target("beats `self_sample`", s, "paired", f, ZSAQ, f"self_sample block-warmup {POOL}", held_out=h)
-      for s, f, h in BENCH_SETTINGS),
-    *(Target("beats `noise`", s, "paired", f, ZSAQ, "noise, SAM quantized", held_out=h,
-             note="`noise` uses no seed sequences, so no warm-up: 40 game steps from RTN")
-      for s, f, h in BENCH_SETTINGS),
-    *(Target("SAM helps (`rho=0` worse)", s, "paired", f, ZSAQ, NO_SAM, held_out=h)
-      for s, f, h in BENCH_SETTINGS),
-    *(Target("the ascent helps (`ascent=false` worse)", s, "paired", f, ZSAQ,
-             f"zsaq block-warmup ascent=false {POOL}", held_out=h)
+    *(Target(claim, s, "paired", f, ZSAQ, ref, held_out=h, note=note)
+      for claim, ref, note in (
+          ("beats `self_sample`", f"self_sample block-warmup {POOL}", ""),
+          ("beats `noise`", "noise, SAM quantized", "`noise` uses no seed sequences, so no warm-up: 40 game steps from RTN"),
+          ("SAM helps (`rho=0` worse)", NO_SAM, ""),
+          ("the ascent helps (`ascent=false` worse)", f"zsaq block-warmup ascent=false {POOL}", ""))
       for s, f, h in BENCH_SETTINGS),
     # not the default: the game's lr at 2e-5 instead of 5e-5 (bench/README.md, "A gentler game at W4", "... at
     # W4A8" and "... at W3")
