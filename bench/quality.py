@@ -83,6 +83,10 @@ ROWS = {
     # a smaller SAM radius after the warm-up: at 0.05 the loss at SAM's perturbed point is 1.4x the loss itself
     # (sam_space.json), at 0.02 1.15x; without the warm-up 0.02 was level with 0.05 on the GPU
     "zsaq block-warmup rho=0.02": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.rho=0.02"],
+    # SAM's radius large early and none late (issue #3's lever): cosine from 0.1 to 0 over the game, the same mean
+    # radius as the default's constant 0.05; at 4 bits SAM's constant radius cost KL against rho=0
+    "zsaq block-warmup rho=0.1->0": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.rho=0.1",
+                                     "method.rho_final=0"],
     "self_sample block-warmup": ["method.name=self_sample", "method.block_warmup_steps=BLOCK"],
     # the warm-up's weights left where it trained them (margin 0: the default, and every run before the option)
     "zsaq block-warmup margin=0": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.block_warmup_margin=0"],
