@@ -111,6 +111,11 @@ TARGETS = [
     *(Target("SAM helps (`rho=0` worse)", f"{s}, SAM radius 0.02", "paired", f, f"zsaq block-warmup rho=0.02 {POOL}",
              NO_SAM, held_out=h, note="SAM radius 0.02 is not the default (0.05)")
       for s, f, h in SETTINGS),
+    # not the default: SAM's radius from 0.1 to 0 by the cosine, the default's mean radius (bench/README.md, "SAM's
+    # radius large early, none late")
+    *(Target("SAM helps (`rho=0` worse)", f"{s}, SAM radius 0.1 to 0", "paired", f, f"zsaq block-warmup rho=0.1->0 {POOL}",
+             NO_SAM, held_out=h, note="SAM radius from 0.1 to 0 (cosine) is not the default (0.05 throughout)")
+      for s, f, h in SETTINGS),
     # not the CPU budget: a game twice as long (bench/README.md, "SAM in a longer game at W4 g64 asym")
     Target("SAM helps (`rho=0` worse)", "W4 g64 asym, 80 game steps", "paired", W4_STEPS,
            "zsaq block-warmup pool=128 steps=80, SAM quantized", "zsaq block-warmup rho=0 pool=128 steps=80",
