@@ -107,14 +107,13 @@ TARGETS = [
           ("beats `self_sample`", ", `self_sample` at 5e-5", f"self_sample block-warmup {POOL}"),
           ("the ascent helps (`ascent=false` worse)", ", the ablation too",
            f"zsaq block-warmup ascent=false lr=2e-5 {POOL}"))),
-    # not the default: SAM's radius at 0.02 instead of 0.05 (bench/README.md, "A smaller SAM radius after the warm-up")
-    *(Target("SAM helps (`rho=0` worse)", f"{s}, SAM radius 0.02", "paired", f, f"zsaq block-warmup rho=0.02 {POOL}",
-             NO_SAM, held_out=h, note="SAM radius 0.02 is not the default (0.05)")
-      for s, f, h in SETTINGS),
-    # not the default: SAM's radius from 0.1 to 0 by the cosine, the default's mean radius (bench/README.md, "SAM's
-    # radius large early, none late")
-    *(Target("SAM helps (`rho=0` worse)", f"{s}, SAM radius 0.1 to 0", "paired", f, f"zsaq block-warmup rho=0.1->0 {POOL}",
-             NO_SAM, held_out=h, note="SAM radius from 0.1 to 0 (cosine) is not the default (0.05 throughout)")
+    # not the default: SAM's radius at 0.02 instead of 0.05 (bench/README.md, "A smaller SAM radius after the
+    # warm-up"), and from 0.1 to 0 by the cosine, the default's mean radius ("SAM's radius large early, none late")
+    *(Target("SAM helps (`rho=0` worse)", f"{s}, {lever}", "paired", f, f"zsaq block-warmup {row} {POOL}", NO_SAM,
+             held_out=h, note=note)
+      for lever, row, note in (
+          ("SAM radius 0.02", "rho=0.02", "SAM radius 0.02 is not the default (0.05)"),
+          ("SAM radius 0.1 to 0", "rho=0.1->0", "SAM radius from 0.1 to 0 (cosine) is not the default (0.05 throughout)"))
       for s, f, h in SETTINGS),
     # not the CPU budget: a game twice as long (bench/README.md, "SAM in a longer game at W4 g64 asym")
     Target("SAM helps (`rho=0` worse)", "W4 g64 asym, 80 game steps", "paired", W4_STEPS,
