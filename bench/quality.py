@@ -88,7 +88,8 @@ ROWS = {
     "zsaq block-warmup rho=0.1->0": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.rho=0.1",
                                      "method.rho_final=0"],
     # only the quantization scales for the game's first quarter (issue #3's lever; the weights' lr held at 0 while
-    # their Adam moments gather), scale_lr 1e-5 for the warm-up and the game, as "zsaq scales-first" without it
+    # their Adam moments gather), scale_lr 1e-5 for the warm-up and the game, as in the older "zsaq scales-first"
+    # (which ran without the warm-up)
     "zsaq block-warmup scales-first": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
                                        "method.scales_only_steps=STEPS/4", "method.scale_lr=1e-5"],
     "self_sample block-warmup": ["method.name=self_sample", "method.block_warmup_steps=BLOCK"],
