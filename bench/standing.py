@@ -85,6 +85,15 @@ def _peer(method: dict, bits: int, symmetric: bool) -> tuple[str, dict]:
     return "peers.json", {**method, "bits": bits, "symmetric": symmetric}
 
 
+def _lever(label: str, row: str, note: str, pairs: tuple[tuple[str, str, str], ...]) -> list[Target]:
+    """A lever's paired targets at the issue's settings: zsaq's ``row`` against each ``(claim, against, ref)``.
+
+    The setting column reads ``"<setting>, <label><against>"``; ``note`` says the lever is not the default.
+    """
+    return [Target(claim, f"{s}, {label}{against}", "paired", f, row, ref, held_out=h, note=note)
+            for s, f, h in SETTINGS for claim, against, ref in pairs]
+
+
 TARGETS = [
     Target("at most half of RTN's increase", "W3 g64", "ratio", W3, ZSAQ, _peer(RTN, 3, True), at_most=0.5),
     Target("at most half of RTN's increase", "W4A8", "ratio", W4A8, ZSAQ, "rtn", at_most=0.5),
@@ -99,28 +108,21 @@ TARGETS = [
       for s, f, h in BENCH_SETTINGS),
     # not the default: the game's lr at 2e-5 instead of 5e-5 (bench/README.md, "A gentler game at W4", "... at
     # W4A8" and "... at W3")
-    *(Target(claim, f"{s}, zsaq at game lr 2e-5{against}", "paired", f, ZSAQ_LR, ref, held_out=h,
-             note="game lr 2e-5 is not the default (5e-5)")
-      for s, f, h in SETTINGS
-      for claim, against, ref in (
-          ("beats `self_sample`", ", `self_sample` too", f"self_sample block-warmup lr=2e-5 {POOL}"),
-          ("beats `self_sample`", ", `self_sample` at 5e-5", f"self_sample block-warmup {POOL}"),
-          ("the ascent helps (`ascent=false` worse)", ", the ablation too",
-           f"zsaq block-warmup ascent=false lr=2e-5 {POOL}"))),
+    *_lever("zsaq at game lr 2e-5", ZSAQ_LR, "game lr 2e-5 is not the default (5e-5)", (
+        ("beats `self_sample`", ", `self_sample` too", f"self_sample block-warmup lr=2e-5 {POOL}"),
+        ("beats `self_sample`", ", `self_sample` at 5e-5", f"self_sample block-warmup {POOL}"),
+        ("the ascent helps (`ascent=false` worse)", ", the ablation too", f"zsaq block-warmup ascent=false lr=2e-5 {POOL}"))),
     # not the default: SAM's radius at 0.02 instead of 0.05 (bench/README.md, "A smaller SAM radius after the
     # warm-up"), and from 0.1 to 0 by the cosine, the default's mean radius ("SAM's radius large early, none late")
-    *(Target("SAM helps (`rho=0` worse)", f"{s}, {lever}", "paired", f, f"zsaq block-warmup {row} {POOL}", NO_SAM,
-             held_out=h, note=note)
-      for lever, row, note in (
-          ("SAM radius 0.02", "rho=0.02", "SAM radius 0.02 is not the default (0.05)"),
-          ("SAM radius 0.1 to 0", "rho=0.1->0", "SAM radius from 0.1 to 0 (cosine) is not the default (0.05 throughout)"))
-      for s, f, h in SETTINGS),
+    *(t for label, row, note in (
+        ("SAM radius 0.02", "rho=0.02", "SAM radius 0.02 is not the default (0.05)"),
+        ("SAM radius 0.1 to 0", "rho=0.1->0", "SAM radius from 0.1 to 0 (cosine) is not the default (0.05 throughout)"))
+      for t in _lever(label, f"zsaq block-warmup {row} {POOL}", note, (("SAM helps (`rho=0` worse)", "", NO_SAM),))),
     # not the default: the game's first quarter trains only the scales, scale_lr 1e-5 (bench/README.md, "Only the
     # scales first"); its self_sample is the default's, as no self_sample row ran with the lever
-    *(Target("beats `self_sample`", f"{s}, zsaq scales first, `self_sample` at the default", "paired", f,
-             f"zsaq block-warmup scales-first {POOL}", f"self_sample block-warmup {POOL}", held_out=h,
-             note="the scales-only first quarter (scale_lr 1e-5) is not the default")
-      for s, f, h in SETTINGS),
+    *_lever("zsaq scales first", f"zsaq block-warmup scales-first {POOL}",
+            "the scales-only first quarter (scale_lr 1e-5) is not the default",
+            (("beats `self_sample`", ", `self_sample` at the default", f"self_sample block-warmup {POOL}"),)),
     # not the CPU budget: a game twice as long (bench/README.md, "SAM in a longer game at W4 g64 asym")
     Target("SAM helps (`rho=0` worse)", "W4 g64 asym, 80 game steps", "paired", W4_STEPS,
            "zsaq block-warmup pool=128 steps=80, SAM quantized", "zsaq block-warmup rho=0 pool=128 steps=80",
