@@ -92,6 +92,13 @@ ROWS = {
     # (which ran without the warm-up)
     "zsaq block-warmup scales-first": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
                                        "method.scales_only_steps=STEPS/4", "method.scale_lr=1e-5"],
+    # the scale lr of "scales-first" (1e-5, ten times the default's) with no scales-only quarter: which of the two
+    # changes moves "scales-first"'s numbers
+    "zsaq block-warmup scale_lr=1e-5": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.scale_lr=1e-5"],
+    # the two levers that gained at W4 g64 asym, together: scales first and SAM's radius from 0.1 to 0
+    "zsaq block-warmup scales-first rho=0.1->0": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                                  "method.scales_only_steps=STEPS/4", "method.scale_lr=1e-5",
+                                                  "method.rho=0.1", "method.rho_final=0"],
     "self_sample block-warmup": ["method.name=self_sample", "method.block_warmup_steps=BLOCK"],
     # the warm-up's weights left where it trained them (margin 0: the default, and every run before the option)
     "zsaq block-warmup margin=0": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.block_warmup_margin=0"],
