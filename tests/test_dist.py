@@ -448,6 +448,27 @@ def test_block_warmup_on_two_workers_matches_single_process_and_is_not_redone_on
     assert rep["history"]["loss"] == pytest.approx(ref["loss"], abs=1e-4)
 
 
+def _with_norms(cfg: Config) -> Config:
+    """The warm-up, the scales-only first half and the norms trained (``method.norm_lr``)."""
+    return validate(cfg.model_dump(mode="json") | {"method": cfg.method.model_dump(mode="json") | {
+        "block_warmup_steps": 3, "block_warmup_lr": 3e-4, "scales_only_steps": 2, "norm_lr": 1e-5}})
+
+
+def test_norms_train_on_two_workers_as_in_one_process(ray_local, root, model_dir):
+    """``method.norm_lr`` on a ZeRO-3 student loaded partitioned: each layer's norms train in its warm-up turn
+    (gathered, rank 0's values kept) and all of them in the game; the export holds what one process trains."""
+    ref = _reference(root, model_dir, "latent", _with_norms)
+    teacher = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        teacher.update(load_file(f))
+    norms = [k for k in teacher if k.endswith("norm.weight")]
+    assert len(norms) == 5  # two per decoder layer and the final one
+    assert all(not torch.equal(ref["tensors"][k], teacher[k]) for k in norms)
+    rep = _run(ray_local, _with_norms(_cfg(root, "norms-z3", model_dir, num_workers=2, zero_stage=3)))
+    assert rep["dist"]["load"]["student_sharded"]
+    _assert_matches_reference(rep["history"], root / "norms-z3", ref)
+
+
 def _warmup_alone(cfg: Config) -> Config:
     cfg = _with_warmup(cfg)
     return validate(cfg.model_dump(mode="json") | {"method": cfg.method.model_dump(mode="json") | {"steps": 0}})

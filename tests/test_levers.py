@@ -23,7 +23,13 @@ from zsaq_dist.minimax.step import (
     teacher_targets,
     torch_mechanics,
 )
-from zsaq_dist.minimax.student import make_optimizer, make_student, make_student_scheduler, student_params
+from zsaq_dist.minimax.student import (
+    make_optimizer,
+    make_student,
+    make_student_scheduler,
+    norm_params,
+    student_params,
+)
 from zsaq_dist.minimax.trainer import train
 from zsaq_dist.optim.sam import EPS, global_norm
 from zsaq_dist.optim.schedule import delayed_lr_factor, lr_factor, make_scheduler, rho_at
@@ -318,7 +324,7 @@ def _dist_game(cfg):
     from zsaq_dist.minimax.trainer import Inputs, load_seed_ids, resolve_mode
 
     teacher = make_tiny_llama(hidden=32)
-    student = make_student(teacher, cfg.quant, cfg.method.learnable_scales)
+    student = make_student(teacher, cfg.quant, cfg.method.learnable_scales, train_norms=cfg.method.norm_lr > 0)
     m = cfg.method
     seed_ids = load_seed_ids(teacher, None, None, m)
     torch.manual_seed(m.seed)  # the generator's initial weights, as the trainer and the worker do
@@ -358,6 +364,30 @@ def test_dist_game_follows_the_trainer_on_both_levers(tmp_path, one_worker, stag
     torch.testing.assert_close(torch.tensor(sam_losses), torch.tensor(ref["sam_loss"]), atol=1e-4, rtol=0)
     final = [t.flatten() for t in snaps[-1][1]]
     torch.testing.assert_close(torch.cat(final), torch.cat([t.flatten() for t in ref_snaps[-1][1]]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_dist_game_trains_the_norms_as_the_trainer_does(tmp_path, one_worker, stage):
+    """``norm_lr`` (the "(and norms)" of the scales-first lever; tests/test_norms.py): the engines train the norms
+    from step 0 while ``scales_only_steps`` holds the weights, and end where the single process does."""
+    cfg = _cfg(tmp_path, scales_only_steps=2, norm_lr=1e-3)
+    cfg = cfg.model_copy(update={"dist": cfg.dist.model_copy(update={"zero_stage": stage})})
+    teacher = make_tiny_llama(hidden=32)
+    student = make_student(teacher, cfg.quant, True)
+    ref = train(teacher, student, None, cfg, progress=False)  # makes the norms trainable from norm_lr
+    ref_norms = _snapshot(norm_params(student))
+    game = _dist_game(cfg)
+    norms = norm_params(game.student.module)
+    assert len(norms) == len(ref_norms) == 2 * 2 + 1  # two per decoder layer and the final one
+    snaps = [_snapshot(norms)]
+    losses = []
+    for step in range(cfg.method.steps):
+        losses.append(game.step(step)[0]["loss"])
+        snaps.append(_snapshot(norms))
+    assert all(not _same(snaps[s + 1], snaps[s]) for s in range(cfg.method.steps))  # also in steps 0 and 1
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref["loss"]), atol=1e-4, rtol=0)
+    got = torch.cat([t.flatten() for t in snaps[-1]])
+    torch.testing.assert_close(got, torch.cat([t.flatten() for t in ref_norms]), atol=1e-5, rtol=0)
 
 
 def test_dist_game_zero0_follows_the_trainer_with_sam_on_quantized_weights(tmp_path, one_worker):

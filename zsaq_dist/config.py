@@ -169,6 +169,13 @@ class MethodCfg(_Strict):
         ge=0,
         description="first K student steps train only the scales (weights at lr 0; their warm-up and schedule start at K)",
     )
+    norm_lr: float = Field(
+        0.0,
+        ge=0.0,
+        description="train the student's norm layers (LayerNorm, RMSNorm, classes named *Norm) at this lr, no decay, "
+        "with the scales: from step 0 (so also in scales_only_steps) and in the block warm-up; 0 = frozen at the "
+        "teacher's values",
+    )
     weight_decay: float = Field(0.0, ge=0.0)
     rho: float = Field(0.05, ge=0.0, description="SAM radius; 0 = plain AdamW")
     rho_final: float | None = Field(

@@ -26,7 +26,7 @@ from zsaq_dist.minimax.step import (
     student_loss,
     teacher_targets,
 )
-from zsaq_dist.minimax.student import make_optimizer, make_student_scheduler, student_params
+from zsaq_dist.minimax.student import make_optimizer, make_student_scheduler, norm_params, student_params
 from zsaq_dist.minimax.trainer import Inputs, batch_indices, generator_optimizer
 from zsaq_dist.optim.schedule import rho_at
 from zsaq_dist.quant import quant_modules
@@ -90,7 +90,7 @@ class DistGame:
         m = self.m = cfg.method
         self.cfg, self.inp = cfg, inp
         weights, scales = student_params(student)
-        opt = make_optimizer(weights, scales, m)
+        opt = make_optimizer(weights, scales, m, norm_params(student))
         sched = make_student_scheduler(opt, m)  # per-group lr: DeepSpeed steps it (scales_only_steps)
         self.student = student_engine(student, opt, sched, cfg, universal)
         self.teacher = teacher if _is_engine(teacher) else teacher_engine(teacher, cfg)

@@ -172,7 +172,12 @@ def build_student(cfg: Config, teacher: nn.Module) -> nn.Module:
     gather = (lambda p: gathered([p])) if stage == 3 else None
     with small_heap() if stage == 3 else contextlib.nullcontext():
         student = to_student(
-            freeze(model), cfg.quant, job.learnable_scales(cfg), cfg.method.recompute_fake_quant, gather=gather
+            freeze(model),
+            cfg.quant,
+            job.learnable_scales(cfg),
+            cfg.method.recompute_fake_quant,
+            gather=gather,
+            train_norms=job.train_norms(cfg),
         )
         job.init_from(student, cfg, (lambda p: gathered_for_writing([p])) if stage == 3 else None)
     release_free_memory()

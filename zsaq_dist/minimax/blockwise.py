@@ -9,8 +9,8 @@ on the seed sequences (the teacher's own text: zero real data). ``h_T`` is the t
 state entering layer ``l``, ``h_S`` the student's, after its earlier layers were warmed, so each
 layer also absorbs the error its predecessors left (as GPTQ does with quantized inputs). After
 ``block_warmup_steps`` AdamW steps on layer ``l`` both streams move one layer on and the next
-layer starts. Only the layer's QuantLinear weights (and trainable scales) move; the teacher,
-the embeddings and the norms do not.
+layer starts. Only the layer's QuantLinear weights (and trainable scales, and its norms where
+``method.norm_lr > 0``) move; the teacher and the embeddings do not.
 
 Data-parallel on several workers (:class:`Part`): each minibatch's rows are split over the ranks,
 each rank keeps its rows' hidden states only, the squared errors' sums and the gradients are
@@ -39,7 +39,7 @@ from tqdm import tqdm
 from zsaq_dist.config import MethodCfg
 from zsaq_dist.errors import ConfigError
 from zsaq_dist.minimax.step import seed_embeddings
-from zsaq_dist.minimax.student import student_params
+from zsaq_dist.minimax.student import norm_params, student_params
 from zsaq_dist.optim.schedule import make_scheduler
 from zsaq_dist.quant import quant_modules
 
@@ -198,13 +198,16 @@ def warm_layer(
     each step, so every rank steps alike.
     """
     weights, scales = _layer_params(s_layer, learnable_scales)
+    gains = norm_params(s_layer) if m.norm_lr > 0 else []  # the layer's norms, where the student trains them
     norms = target_norms(batches, targets, part)
     before = _mean_loss(s_layer, batches, targets, norms, part)
-    params = weights + scales
+    params = weights + scales + gains
     start = [p.detach().clone() for p in params]
     groups = [{"params": weights, "lr": m.block_warmup_lr, "weight_decay": 0.0}]
     if scales:
         groups.append({"params": scales, "lr": m.scale_lr, "weight_decay": 0.0})
+    if gains:
+        groups.append({"params": gains, "lr": m.norm_lr, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups)
     sched = make_scheduler(opt, m.block_warmup_steps, 0, "cosine")
     for k in range(m.block_warmup_steps):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from zsaq_dist.config import MethodCfg, QuantCfg
+from zsaq_dist.errors import ConfigError
 from zsaq_dist.optim.schedule import make_scheduler
 from zsaq_dist.quant import prepare, quant_modules
 
@@ -37,16 +38,39 @@ def student_params(student: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return weights, scales
 
 
-def make_student(
-    teacher: nn.Module, quant_cfg: QuantCfg, learnable_scales: bool = False, recompute: bool = False
-) -> nn.Module:
-    """Deep copy of ``teacher``, prepared (RTN init); only quantized weights (and scales) are trainable.
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: torch's LayerNorm, RMSNorm or GroupNorm, or a class named ``*Norm``.
 
-    Embeddings, norms and ignored layers (``lm_head``) stay frozen at the teacher's values, so
-    the student differs from the teacher exactly in the layers that are quantized. ``recompute``:
-    each QuantLinear recomputes its fake quantization in the backward (:class:`QuantLinear`).
+    By class name, as the quantization targets are (``LlamaRMSNorm``, ``Qwen3RMSNorm``, ...), never per
+    architecture.
     """
-    return to_student(copy.deepcopy(teacher), quant_cfg, learnable_scales, recompute)
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
+
+
+def _norm_tensors(model: nn.Module) -> list[nn.Parameter]:
+    return _unique([p for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)])
+
+
+def norm_params(student: nn.Module) -> list[nn.Parameter]:
+    """The norm layers' parameters (weights, biases) that are trainable: none unless ``train_norms`` was asked."""
+    return [p for p in _norm_tensors(student) if p.requires_grad]
+
+
+def make_student(
+    teacher: nn.Module,
+    quant_cfg: QuantCfg,
+    learnable_scales: bool = False,
+    recompute: bool = False,
+    train_norms: bool = False,
+) -> nn.Module:
+    """Deep copy of ``teacher``, prepared (RTN init); only quantized weights (and scales, and norms) are trainable.
+
+    Embeddings, ignored layers (``lm_head``) and, unless ``train_norms``, the norm layers stay frozen
+    at the teacher's values, so the student differs from the teacher exactly in the layers that are
+    quantized (and the norms). ``recompute``: each QuantLinear recomputes its fake quantization in the
+    backward (:class:`QuantLinear`).
+    """
+    return to_student(copy.deepcopy(teacher), quant_cfg, learnable_scales, recompute, train_norms=train_norms)
 
 
 def to_student(
@@ -55,6 +79,7 @@ def to_student(
     learnable_scales: bool = False,
     recompute: bool = False,
     gather: Callable[[nn.Parameter], AbstractContextManager] | None = None,
+    train_norms: bool = False,
 ) -> nn.Module:
     """Turn ``model`` (a fresh copy of the teacher's weights) into the student in place, as :func:`make_student`.
 
@@ -63,23 +88,42 @@ def to_student(
     prepare(model, quant_cfg, learnable_scales=learnable_scales, gather=gather)
     for _, m in quant_modules(model):
         m.recompute = recompute
-    return set_trainable(model, learnable_scales)
+    return set_trainable(model, learnable_scales, train_norms)
 
 
-def set_trainable(student: nn.Module, learnable_scales: bool) -> nn.Module:
-    """Only the QuantLinear weights (and, if learnable, their scales) require grad; eval mode."""
+def set_trainable(student: nn.Module, learnable_scales: bool, train_norms: bool = False) -> nn.Module:
+    """Only the QuantLinear weights (and, if asked, their scales and the norm layers) require grad; eval mode."""
     student.requires_grad_(False)
     for _, m in quant_modules(student):
         m.weight.requires_grad_(True)
         m.weight_scale.requires_grad_(learnable_scales)
+    if train_norms:
+        norms = _norm_tensors(student)
+        if not norms:
+            raise ConfigError(
+                "method.norm_lr > 0 trains the norm layers, but this model has none with parameters "
+                "(LayerNorm, RMSNorm or a class named *Norm): set method.norm_lr: 0"
+            )
+        for p in norms:
+            p.requires_grad_(True)
     return student.eval()
 
 
-def make_optimizer(weights: list[nn.Parameter], scales: list[nn.Parameter], cfg: MethodCfg) -> torch.optim.AdamW:
-    """AdamW with the weights at ``lr`` (with ``weight_decay``) and the scales at ``scale_lr`` (no decay)."""
+def make_optimizer(
+    weights: list[nn.Parameter],
+    scales: list[nn.Parameter],
+    cfg: MethodCfg,
+    norms: list[nn.Parameter] | None = None,
+) -> torch.optim.AdamW:
+    """AdamW: the weights at ``lr`` (with ``weight_decay``), the scales at ``scale_lr`` and the norms at ``norm_lr``.
+
+    Neither the scales nor the norms decay. Group 0 is always the weights (:func:`make_student_scheduler`).
+    """
     groups = [{"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if scales:
         groups.append({"params": scales, "lr": cfg.scale_lr, "weight_decay": 0.0})
+    if norms:
+        groups.append({"params": norms, "lr": cfg.norm_lr, "weight_decay": 0.0})
     return torch.optim.AdamW(groups)
 
 
@@ -87,8 +131,8 @@ def make_student_scheduler(optimizer: torch.optim.Optimizer, cfg: MethodCfg) -> 
     """The lr schedule of :func:`make_optimizer`'s groups over ``cfg.steps`` student steps.
 
     With ``scales_only_steps = K`` the weights group (group 0) stays at lr 0 for steps ``0..K-1``
-    and runs its warm-up and decay over steps ``K..steps-1``; the scales group is scheduled from
-    step 0. Holding the lr at 0 (rather than skipping optimizer calls) keeps every optimizer step,
+    and runs its warm-up and decay over steps ``K..steps-1``; the scales and norms groups are
+    scheduled from step 0. Holding the lr at 0 (rather than skipping optimizer calls) keeps every optimizer step,
     so DeepSpeed engines run it unchanged. AdamW at lr 0 leaves the weights bit-identical (decay
     factor ``1 - 0 * wd == 1``, update ``0 * m / sqrt(v)``) while their moments still accumulate.
     """

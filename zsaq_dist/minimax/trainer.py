@@ -52,7 +52,14 @@ from zsaq_dist.minimax.step import (
     teacher_targets,
     torch_mechanics,
 )
-from zsaq_dist.minimax.student import freeze, make_optimizer, make_student_scheduler, set_trainable, student_params
+from zsaq_dist.minimax.student import (
+    freeze,
+    make_optimizer,
+    make_student_scheduler,
+    norm_params,
+    set_trainable,
+    student_params,
+)
 from zsaq_dist.optim.schedule import make_scheduler, rho_at
 from zsaq_dist.quant import quant_modules
 
@@ -205,7 +212,7 @@ class Game:
         m = self.cfg = inp.cfg
         self.teacher, self.student, self.inp = teacher, student, inp
         weights, scales = student_params(student)
-        self.opt = make_optimizer(weights, scales, m)
+        self.opt = make_optimizer(weights, scales, m, norm_params(student))
         sched = make_student_scheduler(self.opt, m)
         self.mech = torch_mechanics(self.opt, weights, m.grad_clip, sched)
         if m.sam_space == "quantized":
@@ -273,7 +280,7 @@ def train(
     if not m.trains:
         return hist | {"total_seconds": 0.0}
     freeze(teacher)
-    set_trainable(student, m.learnable_scales)
+    set_trainable(student, m.learnable_scales, m.norm_lr > 0)
     seed_ids = None if mode == "noise" else load_seed_ids(teacher, seed_model, tokenizer, m, progress)
     if seed_ids is not None:
         hist["seed_data"] = seed_identity(seed_ids)
