@@ -132,9 +132,10 @@ def make_student_scheduler(optimizer: torch.optim.Optimizer, cfg: MethodCfg) -> 
 
     With ``scales_only_steps = K`` the weights group (group 0) stays at lr 0 for steps ``0..K-1``
     and runs its warm-up and decay over steps ``K..steps-1``; the scales and norms groups are
-    scheduled from step 0. Holding the lr at 0 (rather than skipping optimizer calls) keeps every optimizer step,
-    so DeepSpeed engines run it unchanged. AdamW at lr 0 leaves the weights bit-identical (decay
-    factor ``1 - 0 * wd == 1``, update ``0 * m / sqrt(v)``) while their moments still accumulate.
+    scheduled from step 0. Holding the lr at 0 (rather than skipping optimizer calls) keeps every
+    optimizer step, so DeepSpeed engines run it unchanged. AdamW at lr 0 leaves the weights
+    bit-identical (decay factor ``1 - 0 * wd == 1``, update ``0 * m / sqrt(v)``) while their
+    moments still accumulate.
     """
     k = cfg.scales_only_steps
     starts = [k] + [0] * (len(optimizer.param_groups) - 1) if k else None
