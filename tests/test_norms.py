@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_llama, make_tiny_qwen2, save_tiny
+from test_levers import _cfg as levers_cfg
+from test_levers import _same, _snapshot
 
 from zsaq_dist.config import MethodCfg, QuantCfg, validate
 from zsaq_dist.errors import ConfigError
@@ -38,29 +40,8 @@ QUANT = QuantCfg.model_validate({"weights": {"bits": 3, "group_size": 16}})
 
 
 def _cfg(tmp_path, **method):
-    base = {
-        "steps": 4,
-        "batch_size": 2,
-        "seq_len": 8,
-        "lr": 1e-3,
-        "scale_lr": 1e-4,
-        "norm_lr": 1e-3,
-        "warmup_steps": 1,
-        "rho": 0.1,
-        "seed": 5,
-        "block_warmup_steps": 0,
-        "generator": {"noise_dim": 8, "hidden_dim": 16},
-        "seed_data": {"num_sequences": 4, "cache_dir": str(tmp_path / "seed")},
-    }
-    return validate(
-        {
-            "model": {"path": "tiny"},
-            "output": {"dir": str(tmp_path / "out")},
-            "quant": QUANT.model_dump(),
-            "method": {**base, **method},
-            "dist": {"launcher": "local"},
-        }
-    )
+    """tests/test_levers.py's tiny game (4 steps, SAM, no warm-up) with the norms trained."""
+    return levers_cfg(tmp_path, **{"norm_lr": 1e-3, **method})
 
 
 def _norm_names(model) -> set[str]:
@@ -69,15 +50,6 @@ def _norm_names(model) -> set[str]:
 
 def _quant_names(model) -> set[str]:
     return {f"{n}.{k}" for n, _ in quant_modules(model) for k in ("weight", "weight_scale")}
-
-
-def _snapshot(params) -> list[torch.Tensor]:
-    """Exact copies; under ZeRO-3 the tensor the forward reads is the partition ``ds_tensor``."""
-    return [(p.ds_tensor if hasattr(p, "ds_tensor") else p).detach().clone() for p in params]
-
-
-def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 # --- which tensors, and the optimizer --------------------------------------------------------------
@@ -222,7 +194,8 @@ def test_quantize_with_norms_exports_the_trained_norms(tmp_path):
 
     model_dir = save_tiny(make_tiny_llama(), tmp_path / "m")
     make_word_tokenizer().save_pretrained(model_dir)
-    raw = _cfg(tmp_path, steps=2, block_warmup_steps=2).model_dump(mode="json") | {"model": {"path": model_dir}}
+    raw = _cfg(tmp_path, steps=2, block_warmup_steps=2).model_dump(mode="json")
+    raw |= {"model": {"path": model_dir}, "dist": {"launcher": "local"}}
     raw["quant"] = {"weights": {"bits": 4, "group_size": 32}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     assert main(["quantize", str(tmp_path / "cfg.yaml")]) == 0
