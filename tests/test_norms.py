@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_llama, make_tiny_qwen2, save_tiny
+from test_levers import QUANT, _same, _snapshot
 from test_levers import _cfg as levers_cfg
-from test_levers import _same, _snapshot
 
-from zsaq_dist.config import MethodCfg, QuantCfg, validate
+from zsaq_dist.config import MethodCfg, validate
 from zsaq_dist.errors import ConfigError
 from zsaq_dist.minimax.generator import Generator, noise
 from zsaq_dist.minimax.step import (
@@ -35,8 +35,6 @@ from zsaq_dist.minimax.student import (
 )
 from zsaq_dist.minimax.trainer import train
 from zsaq_dist.quant import quant_modules
-
-QUANT = QuantCfg.model_validate({"weights": {"bits": 3, "group_size": 16}})
 
 
 def _cfg(tmp_path, **method):
