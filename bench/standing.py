@@ -85,13 +85,15 @@ def _peer(method: dict, bits: int, symmetric: bool) -> tuple[str, dict]:
     return "peers.json", {**method, "bits": bits, "symmetric": symmetric}
 
 
-def _lever(label: str, row: str, note: str, pairs: tuple[tuple[str, str, str], ...]) -> list[Target]:
-    """A lever's paired targets at the issue's settings: zsaq's ``row`` against each ``(claim, against, ref)``.
+def _lever(
+    label: str, row: str, note: str, pairs: tuple[tuple[str, str, str], ...], settings: tuple = SETTINGS
+) -> list[Target]:
+    """A lever's paired targets at ``settings`` (the issue's three): zsaq's ``row`` against each ``(claim, against, ref)``.
 
     The setting column reads ``"<setting>, <label><against>"``; ``note`` says the lever is not the default.
     """
     return [Target(claim, f"{s}, {label}{against}", "paired", f, row, ref, held_out=h, note=note)
-            for s, f, h in SETTINGS for claim, against, ref in pairs]
+            for s, f, h in settings for claim, against, ref in pairs]
 
 
 TARGETS = [
@@ -123,6 +125,12 @@ TARGETS = [
     *_lever("zsaq scales first", f"zsaq block-warmup scales-first {POOL}",
             "the scales-only first quarter (scale_lr 1e-5) is not the default",
             (("beats `self_sample`", ", `self_sample` at the default", f"self_sample block-warmup {POOL}"),)),
+    # ... and the norms with them, norm_lr 1e-5, at W4 g64 asym only ("The scale lr alone, both W4 levers together,
+    # and the norms")
+    *_lever("zsaq scales first and norms", f"zsaq block-warmup scales-first norms {POOL}",
+            "the scales-only first quarter with the norms trained (scale_lr and norm_lr 1e-5) is not the default",
+            (("beats `self_sample`", ", `self_sample` at the default", f"self_sample block-warmup {POOL}"),),
+            settings=SETTINGS[2:]),
     # not the CPU budget: a game twice as long (bench/README.md, "SAM in a longer game at W4 g64 asym")
     Target("SAM helps (`rho=0` worse)", "W4 g64 asym, 80 game steps", "paired", W4_STEPS,
            "zsaq block-warmup pool=128 steps=80, SAM quantized", "zsaq block-warmup rho=0 pool=128 steps=80",
