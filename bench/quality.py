@@ -92,9 +92,8 @@ ROWS = {
     # (which ran without the warm-up)
     "zsaq block-warmup scales-first": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
                                        "method.scales_only_steps=STEPS/4", "method.scale_lr=1e-5"],
-    # the lever's "(and norms)": "scales-first" with every norm layer trained too, at the scales' lr (method.norm_lr;
-    # on the demo model the norms' median |value| is 0.27, the W4 g64 scales' about 0.065), in the warm-up and from
-    # the game's step 0
+    # the lever's "(and norms)": "scales-first" with every norm layer trained too, at the scales' lr (method.norm_lr),
+    # in the warm-up and from the game's step 0
     "zsaq block-warmup scales-first norms": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
                                              "method.scales_only_steps=STEPS/4", "method.scale_lr=1e-5",
                                              "method.norm_lr=1e-5"],
