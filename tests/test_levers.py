@@ -324,7 +324,7 @@ def _dist_game(cfg):
     from zsaq_dist.minimax.trainer import Inputs, load_seed_ids, resolve_mode
 
     teacher = make_tiny_llama(hidden=32)
-    student = make_student(teacher, cfg.quant, cfg.method.learnable_scales, train_norms=cfg.method.norm_lr > 0)
+    student = make_student(teacher, cfg.quant, cfg.method.learnable_scales, train_norms=cfg.method.trains_norms)
     m = cfg.method
     seed_ids = load_seed_ids(teacher, None, None, m)
     torch.manual_seed(m.seed)  # the generator's initial weights, as the trainer and the worker do

@@ -253,6 +253,11 @@ class MethodCfg(_Strict):
         """Whether the student is trained at all (end-to-end steps, or the block warm-up alone)."""
         return self.name != "rtn" and (self.steps > 0 or self.block_warmup_steps > 0)
 
+    @property
+    def trains_norms(self) -> bool:
+        """Whether the student's norm layers train: ``norm_lr > 0`` and a method that trains (not ``rtn``)."""
+        return self.norm_lr > 0 and self.name != "rtn"
+
     @model_validator(mode="after")
     def _block_warmup(self) -> MethodCfg:
         if self.block_warmup_steps == 0:

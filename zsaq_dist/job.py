@@ -38,15 +38,10 @@ def learnable_scales(cfg: Config) -> bool:
     return cfg.method.learnable_scales and cfg.method.name != "rtn"
 
 
-def train_norms(cfg: Config) -> bool:
-    """The norm layers are trained when ``method.norm_lr > 0`` and the method trains at all (not ``rtn``)."""
-    return cfg.method.norm_lr > 0 and cfg.method.name != "rtn"
-
-
 def build_student(teacher: nn.Module, cfg: Config) -> nn.Module:
     """A fake-quantized copy of ``teacher`` (RTN, or ``method.init_from``); scales (norms) learnable when asked."""
     student = make_student(
-        teacher, cfg.quant, learnable_scales(cfg), cfg.method.recompute_fake_quant, train_norms(cfg)
+        teacher, cfg.quant, learnable_scales(cfg), cfg.method.recompute_fake_quant, cfg.method.trains_norms
     )
     return init_from(student, cfg)
 

@@ -177,7 +177,7 @@ def build_student(cfg: Config, teacher: nn.Module) -> nn.Module:
             job.learnable_scales(cfg),
             cfg.method.recompute_fake_quant,
             gather=gather,
-            train_norms=job.train_norms(cfg),
+            train_norms=cfg.method.trains_norms,
         )
         job.init_from(student, cfg, (lambda p: gathered_for_writing([p])) if stage == 3 else None)
     release_free_memory()

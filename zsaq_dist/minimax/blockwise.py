@@ -198,7 +198,7 @@ def warm_layer(
     each step, so every rank steps alike.
     """
     weights, scales = _layer_params(s_layer, learnable_scales)
-    gains = norm_params(s_layer) if m.norm_lr > 0 else []  # the layer's norms, where the student trains them
+    gains = norm_params(s_layer) if m.trains_norms else []  # the layer's norms, where the student trains them
     norms = target_norms(batches, targets, part)
     before = _mean_loss(s_layer, batches, targets, norms, part)
     params = weights + scales + gains

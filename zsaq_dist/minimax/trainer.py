@@ -280,7 +280,7 @@ def train(
     if not m.trains:
         return hist | {"total_seconds": 0.0}
     freeze(teacher)
-    set_trainable(student, m.learnable_scales, m.norm_lr > 0)
+    set_trainable(student, m.learnable_scales, m.trains_norms)
     seed_ids = None if mode == "noise" else load_seed_ids(teacher, seed_model, tokenizer, m, progress)
     if seed_ids is not None:
         hist["seed_data"] = seed_identity(seed_ids)
