@@ -97,6 +97,9 @@ ROWS = {
     "zsaq block-warmup scales-first norms": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
                                              "method.scales_only_steps=STEPS/4", "method.scale_lr=1e-5",
                                              "method.norm_lr=1e-5"],
+    # the norms alone, over the default (no scales-only quarter, the default scale lr), at ten times the norm lr of
+    # "scales-first norms", which measured level with "scales-first" without them
+    "zsaq block-warmup norm_lr=1e-4": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.norm_lr=1e-4"],
     # the scale lr of "scales-first" (1e-5, ten times the default's) with no scales-only quarter: which of the two
     # changes moves "scales-first"'s numbers
     "zsaq block-warmup scale_lr=1e-5": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.scale_lr=1e-5"],
