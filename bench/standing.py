@@ -131,6 +131,10 @@ TARGETS = [
             "the scales-only first quarter with the norms trained (scale_lr and norm_lr 1e-5) is not the default",
             (("beats `self_sample`", ", `self_sample` at the default", f"self_sample block-warmup {POOL}"),),
             settings=SETTINGS[2:]),
+    # ... and the norms alone over the default, norm_lr 1e-4 ("The norms alone at norm_lr 1e-4")
+    *_lever("zsaq norms 1e-4", f"zsaq block-warmup norm_lr=1e-4 {POOL}",
+            "training the norms at norm_lr 1e-4 is not the default (0: frozen)",
+            (("beats `self_sample`", ", `self_sample` at the default", f"self_sample block-warmup {POOL}"),)),
     # not the CPU budget: a game twice as long (bench/README.md, "SAM in a longer game at W4 g64 asym")
     Target("SAM helps (`rho=0` worse)", "W4 g64 asym, 80 game steps", "paired", W4_STEPS,
            "zsaq block-warmup pool=128 steps=80, SAM quantized", "zsaq block-warmup rho=0 pool=128 steps=80",
