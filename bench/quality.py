@@ -100,6 +100,11 @@ ROWS = {
     # the norms alone, over the default (no scales-only quarter, the default scale lr), at ten times the norm lr of
     # "scales-first norms", which measured level with "scales-first" without them
     "zsaq block-warmup norm_lr=1e-4": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.norm_lr=1e-4"],
+    # ... and at ten times that again: does the norms' gain at W4 g64 asym grow with their lr?
+    "zsaq block-warmup norm_lr=1e-3": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.norm_lr=1e-3"],
+    # the fair pair for the norms against the seed sequences as they are: self_sample with the same norms
+    "self_sample block-warmup norm_lr=1e-4": ["method.name=self_sample", "method.block_warmup_steps=BLOCK",
+                                              "method.norm_lr=1e-4"],
     # the scale lr of "scales-first" (1e-5, ten times the default's) with no scales-only quarter: which of the two
     # changes moves "scales-first"'s numbers
     "zsaq block-warmup scale_lr=1e-5": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.scale_lr=1e-5"],
