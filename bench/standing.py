@@ -75,7 +75,7 @@ ZSAQ = f"zsaq block-warmup {POOL}"
 ZSAQ_LR = f"zsaq block-warmup lr=2e-5 {POOL}"
 NO_SAM = "zsaq block-warmup rho=0 pool=128"  # SAM's ablation: the same game with plain AdamW
 RTN = {"method": "RTN (zsaq_dist)", "group_size": 64}
-# a lever's zsaq against `self_sample` at the default recipe (no self_sample row ran with the lever)
+# a lever's zsaq against `self_sample` at the default recipe (the only self_sample where none ran with the lever)
 VS_SELF_SAMPLE = (("beats `self_sample`", ", `self_sample` at the default", f"self_sample block-warmup {POOL}"),)
 # the issue's settings, each with its summary and the summary of the same runs scored on held-out tokens
 SETTINGS = (("W3 g64", W3, W3_HELD), ("W4A8", W4A8, W4A8_HELD), ("W4 g64 asym", W4, W4_HELD))
@@ -133,10 +133,20 @@ TARGETS = [
             "the scales-only first quarter with the norms trained (scale_lr and norm_lr 1e-5) is not the default",
             VS_SELF_SAMPLE,
             settings=SETTINGS[2:]),
-    # ... and the norms alone over the default, norm_lr 1e-4 ("The norms alone at norm_lr 1e-4")
+    # ... and the norms alone over the default, norm_lr 1e-4 ("The norms alone at norm_lr 1e-4"), and at W4 g64 asym
+    # against self_sample with the same norms ("The norms' fair pair, and ten times their lr")
     *_lever("zsaq norms 1e-4", f"zsaq block-warmup norm_lr=1e-4 {POOL}",
             "training the norms at norm_lr 1e-4 is not the default (0: frozen)",
             VS_SELF_SAMPLE),
+    *_lever("zsaq norms 1e-4", f"zsaq block-warmup norm_lr=1e-4 {POOL}",
+            "training the norms at norm_lr 1e-4 is not the default (0: frozen)",
+            (("beats `self_sample`", ", `self_sample` with the same norms", f"self_sample block-warmup norm_lr=1e-4 {POOL}"),),
+            settings=SETTINGS[2:]),
+    # ... and the norms at norm_lr 1e-3, at W4 g64 asym only (the same section)
+    *_lever("zsaq norms 1e-3", f"zsaq block-warmup norm_lr=1e-3 {POOL}",
+            "training the norms at norm_lr 1e-3 is not the default (0: frozen)",
+            VS_SELF_SAMPLE,
+            settings=SETTINGS[2:]),
     # not the CPU budget: a game twice as long (bench/README.md, "SAM in a longer game at W4 g64 asym")
     Target("SAM helps (`rho=0` worse)", "W4 g64 asym, 80 game steps", "paired", W4_STEPS,
            "zsaq block-warmup pool=128 steps=80, SAM quantized", "zsaq block-warmup rho=0 pool=128 steps=80",
