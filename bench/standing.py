@@ -98,6 +98,14 @@ def _lever(
             for s, f, h in settings for claim, against, ref in pairs]
 
 
+NORMS_1E4 = f"zsaq block-warmup norm_lr=1e-4 {POOL}"  # the norms' lever, at two pairs
+
+
+def _norms_note(lr: str) -> str:
+    """The note of a norms lever's rows: not the default."""
+    return f"training the norms at norm_lr {lr} is not the default (0: frozen)"
+
+
 TARGETS = [
     Target("at most half of RTN's increase", "W3 g64", "ratio", W3, ZSAQ, _peer(RTN, 3, True), at_most=0.5),
     Target("at most half of RTN's increase", "W4A8", "ratio", W4A8, ZSAQ, "rtn", at_most=0.5),
@@ -135,17 +143,12 @@ TARGETS = [
             settings=SETTINGS[2:]),
     # ... and the norms alone over the default, norm_lr 1e-4 ("The norms alone at norm_lr 1e-4"), and at W4 g64 asym
     # against self_sample with the same norms ("The norms' fair pair, and ten times their lr")
-    *_lever("zsaq norms 1e-4", f"zsaq block-warmup norm_lr=1e-4 {POOL}",
-            "training the norms at norm_lr 1e-4 is not the default (0: frozen)",
-            VS_SELF_SAMPLE),
-    *_lever("zsaq norms 1e-4", f"zsaq block-warmup norm_lr=1e-4 {POOL}",
-            "training the norms at norm_lr 1e-4 is not the default (0: frozen)",
+    *_lever("zsaq norms 1e-4", NORMS_1E4, _norms_note("1e-4"), VS_SELF_SAMPLE),
+    *_lever("zsaq norms 1e-4", NORMS_1E4, _norms_note("1e-4"),
             (("beats `self_sample`", ", `self_sample` with the same norms", f"self_sample block-warmup norm_lr=1e-4 {POOL}"),),
             settings=SETTINGS[2:]),
     # ... and the norms at norm_lr 1e-3, at W4 g64 asym only (the same section)
-    *_lever("zsaq norms 1e-3", f"zsaq block-warmup norm_lr=1e-3 {POOL}",
-            "training the norms at norm_lr 1e-3 is not the default (0: frozen)",
-            VS_SELF_SAMPLE,
+    *_lever("zsaq norms 1e-3", f"zsaq block-warmup norm_lr=1e-3 {POOL}", _norms_note("1e-3"), VS_SELF_SAMPLE,
             settings=SETTINGS[2:]),
     # not the CPU budget: a game twice as long (bench/README.md, "SAM in a longer game at W4 g64 asym")
     Target("SAM helps (`rho=0` worse)", "W4 g64 asym, 80 game steps", "paired", W4_STEPS,
