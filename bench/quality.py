@@ -102,6 +102,11 @@ ROWS = {
     "zsaq block-warmup norm_lr=1e-4": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.norm_lr=1e-4"],
     # ... and at ten times that again: does the norms' gain at W4 g64 asym grow with their lr?
     "zsaq block-warmup norm_lr=1e-3": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.norm_lr=1e-3"],
+    # the issue's two ablations on the norms' recipe (the best row at W4 g64 asym): do SAM and the ascent help there?
+    "zsaq block-warmup rho=0 norm_lr=1e-4": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.rho=0",
+                                             "method.norm_lr=1e-4"],
+    "zsaq block-warmup ascent=false norm_lr=1e-4": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",
+                                                    "method.ascent=false", "method.norm_lr=1e-4"],
     # the fair pair for the norms against the seed sequences as they are: self_sample with the same norms
     "self_sample block-warmup norm_lr=1e-4": ["method.name=self_sample", "method.block_warmup_steps=BLOCK",
                                               "method.norm_lr=1e-4"],
