@@ -14,7 +14,10 @@ else ``level``. The numbers are the summary's own ``paired`` entries (written by
 round to A's side; the sentences about seeds in ``bench/README.md`` and the README are these lines.
 Where both rows' runs recorded the seed set they trained on, the line ends ``; the same seed set at K of M seeds``:
 a gap at a seed where the sets differ is the data's as much as the method's.
-``--setting`` picks the setting when a summary holds several; ``--json`` prints the same as JSON.
+``--seeds 0 3 4 5`` pairs the rows over just those seeds, read again from the rows' per-seed values in the summary
+(``seeds``, ``seeds_kl``) with ``bench/seeds.py``'s own arithmetic: a section's pair stays reproducible after its
+summary gains seeds. Over every shared seed it is the summary's entry exactly; a seed either row did not run is an
+error. ``--setting`` picks the setting when a summary holds several; ``--json`` prints the same as JSON.
 ``--metric kl`` pairs the rows' KL to the teacher instead (on the same tokens; lower is better, so "ahead" means a
 lower KL), which moves less from seed to seed than the perplexity does; its line reads ``A against B in KL: ...``.
 """
@@ -24,15 +27,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import seeds as summaries  # noqa: E402  (bench/seeds.py, beside this file: the arithmetic of its pairs)
 
 METRICS = {"dppl": 2, "kl": 4}  # what a pair can be read on, and the decimals its words give
 
 
-def compare(summary: dict, a: str, b: str, setting: str | None = None, metric: str = "dppl") -> dict:
+def compare(
+    summary: dict, a: str, b: str, setting: str | None = None, metric: str = "dppl", seeds: list[str] | None = None
+) -> dict:
     """Row ``a`` against row ``b``: seeds, a's wins, ``mean`` (b minus a), its standard error and the verdict.
 
     ``metric``: ``dppl`` (the perplexity increase) or ``kl`` (the KL to the teacher on the same tokens).
+    ``seeds``: pair over these seeds only, from the rows' per-seed values (default: the summary's entry, over every
+    seed both rows ran).
     """
     if metric not in METRICS:
         raise SystemExit(f"unknown metric {metric!r}: one of {', '.join(METRICS)}")
@@ -45,7 +56,7 @@ def compare(summary: dict, a: str, b: str, setting: str | None = None, metric: s
         raise SystemExit(f"{a!r} and {b!r} share no seed in the summary")
     if len(found) > 1:
         raise SystemExit(f"{a!r} and {b!r} are paired in several settings; pass --setting")
-    q = found[0]
+    q = found[0] if seeds is None else over_seeds(summary, found[0], seeds)
     if metric == "kl":
         if "kl" not in q:
             raise SystemExit("the summary predates per-seed KL: write it again with python bench/seeds.py --again SUMMARY")
@@ -64,6 +75,28 @@ def compare(summary: dict, a: str, b: str, setting: str | None = None, metric: s
         "a_wins": q["a_wins"] if flip else q["b_wins"], "mean": mean, "se": se, "verdict": verdict,
         **{k: q[k] for k in ("seed_sets_recorded", "same_seed_set") if k in q},
     }
+
+
+def over_seeds(summary: dict, entry: dict, seeds: list[str]) -> dict:
+    """The summary's pair ``entry`` computed again over ``seeds`` alone, as ``bench/seeds.py`` computes it."""
+    by = {r["method"]: r for r in summary["rows"] if r["setting"] == entry["setting"]}
+    ra, rb = by[entry["a"]], by[entry["b"]]
+    for s in seeds:
+        for r in (ra, rb):
+            if s not in r["seeds"]:
+                raise SystemExit(f"seed {s}: {r['method']!r} did not run it; its seeds: {', '.join(r['seeds'])}")
+    shared = sorted(set(seeds))  # the order bench/seeds.py sums in, so all shared seeds give its entry bit for bit
+    q = {
+        "setting": entry["setting"],
+        "a": entry["a"],
+        "b": entry["b"],
+        "seeds": len(shared),
+        **summaries.differences(ra["seeds"], rb["seeds"], shared),
+        **summaries.same_seed_sets(ra, rb, shared),
+    }
+    if "seeds_kl" in ra and "seeds_kl" in rb:  # summaries written before per-seed KL have none
+        q["kl"] = summaries.differences(ra["seeds_kl"], rb["seeds_kl"], shared)
+    return q
 
 
 def words(c: dict) -> str:
@@ -85,12 +118,13 @@ def main() -> None:
     p.add_argument("a", help="the row to describe")
     p.add_argument("b", nargs="+", help="the rows to pair it with")
     p.add_argument("--setting", help="the setting (needed when the rows are paired in several)")
+    p.add_argument("--seeds", nargs="+", help="pair over these seeds only (default: every seed both rows ran)")
     p.add_argument("--json", action="store_true", help="print JSON instead of sentences")
     p.add_argument("--metric", choices=list(METRICS), default="dppl",
                    help="pair the perplexity increase (default) or the KL to the teacher")
     args = p.parse_args()
     summary = json.loads(args.summary.read_text())
-    found = [compare(summary, args.a, b, args.setting, args.metric) for b in args.b]
+    found = [compare(summary, args.a, b, args.setting, args.metric, args.seeds) for b in args.b]
     if args.json:
         print(json.dumps(found, indent=1))
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -528,3 +529,81 @@ def test_seedtable_prints_the_rows_per_seed_from_a_summary(tmp_path):
         seedtable.table(summary, [("x", "zsaq rho=0, SAM quantized")])
     assert seedtable.parse_row("`rho=0`|zsaq rho=0") == ("`rho=0`", "zsaq rho=0")
     assert seedtable.parse_row("zsaq rho=0") == ("zsaq rho=0", "zsaq rho=0")
+
+
+def test_paired_over_named_seeds_recomputes_from_the_summary_s_per_seed_values(tmp_path, capsys, monkeypatch):
+    """``--seeds`` keeps an older section's pair reproducible after its summary gains seeds: the pair is read again
+    from the rows' per-seed Δppl and KL over just those seeds. Over every shared seed it is the summary's own entry,
+    bit for bit; a seed one of the rows did not run is an error that names it."""
+    seeds, paired = _load("seeds"), _load("paired")
+    fp = {"setting": "fp", "method": "fp", "dppl": 0.0}
+
+    def row(method, dppl, kl):
+        r = _row(method, 4, False, "self-generated (zero-shot)", 10.0 + dppl, kl, 0.77)
+        return {**r, "setting": "w4", "sam_space": "quantized"}
+
+    # self_sample minus zsaq per seed: -0.3, -0.1, +0.1, -0.5; in KL -0.010, +0.002, +0.004, -0.020
+    per_seed = {0: ((3.0, 0.180), (2.7, 0.170)), 1: ((2.8, 0.170), (2.7, 0.172)),
+                2: ((2.6, 0.166), (2.7, 0.170)), 3: ((3.2, 0.190), (2.7, 0.170))}
+    runs = [_quality_run(tmp_path / f"s{s}.json", s, [fp, row("zsaq", *z), row("self_sample", *q)])
+            for s, (z, q) in per_seed.items()]
+    runs.append(_quality_run(tmp_path / "s4.json", 4, [fp, row("zsaq", 2.5, 0.160)]))  # zsaq alone at seed 4
+    summary = seeds.summarise(runs, set(), "quantized")
+    z, q = "zsaq, SAM quantized", "self_sample, SAM quantized"
+    for metric in ("dppl", "kl"):
+        assert paired.compare(summary, q, z, metric=metric, seeds=["3", "1", "0", "2", "0"]) == paired.compare(
+            summary, q, z, metric=metric)
+    two = paired.compare(summary, q, z, seeds=["0", "3"])  # -0.3, -0.5: mean 0.4 for self_sample, sd 0.1414
+    assert (two["seeds"], two["a_wins"], two["verdict"]) == (2, 2, "ahead")
+    assert two["mean"] == pytest.approx(0.4) and two["se"] == pytest.approx(0.1)
+    kl = paired.compare(summary, q, z, metric="kl", seeds=["1", "2"])  # +0.002, +0.004: zsaq lower at both
+    assert (kl["a_wins"], kl["mean"]) == (0, pytest.approx(-0.003))
+    assert paired.compare(summary, q, z, seeds=["2"])["verdict"] == "one seed"
+    with pytest.raises(SystemExit, match=r"seed 4: 'self_sample, SAM quantized' did not run it"):
+        paired.compare(summary, q, z, seeds=["0", "4"])
+    (tmp_path / "sum.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(sys, "argv", ["paired.py", str(tmp_path / "sum.json"), q, z, "--seeds", "0", "3"])
+    paired.main()
+    assert capsys.readouterr().out.strip() == f"{q} against {z}: ahead at 2 of 2 seeds, by 0.40 ± 0.10 (ahead)"
+
+
+PAIR_LINE = re.compile(r"^\s+(?:(\S+), )?(.+?) against (.+?)( in KL)?: (ahead at .*?) \((?:ahead|behind|level|one seed)\)")
+
+
+def test_every_pair_quoted_in_bench_readme_is_reproduced_from_a_summary():
+    """Each indented ``SETTING, A against B[ in KL]: ahead at ...`` line of bench/README.md is ``bench/paired.py`` on
+    one of the committed summaries, over every seed the rows share or over a ``--seeds`` list its section names. A
+    section may name a row by a short label it defines in its prose ("norms 1e-4"): then any row of the setting
+    may stand for it, so a line whose numbers no pair in any summary gives is what fails, a stale or hand-edited one.
+    """
+    paired = _load("paired")
+    summaries = [json.loads(p.read_text()) for p in sorted((BENCH / "results").glob("*seeds.json"))]
+    sections = (BENCH / "README.md").read_text().split("\n### ")
+    checked, stale = 0, []
+    for section in sections:
+        seed_lists = [None] + [m.split() for m in re.findall(r"--seeds ((?:\d+ ?)+)", section)]
+        for line in section.splitlines():
+            m = PAIR_LINE.match(line)
+            if not m:
+                continue
+            setting, a, b, kl, said = m.groups()
+            checked += 1
+            if not any(said == got for got in _pairs(paired, summaries, setting, a, b, "kl" if kl else "dppl",
+                                                    seed_lists)):
+                stale.append(line.strip())
+    assert checked > 200 and not stale, f"{len(stale)} of {checked} quoted pairs reproduced by no summary: {stale}"
+
+
+def _pairs(paired, summaries, setting, a, b, metric, seed_lists):
+    """The words of every pair ``a`` against ``b`` could stand for, in every summary, over each seed list."""
+    for summary in summaries:
+        methods = sorted({r["method"] for r in summary["rows"] if setting in (None, r["setting"])})
+        for x in [a] if a in methods else methods:
+            for y in [b] if b in methods else methods:
+                for seeds in seed_lists:
+                    if x == y:
+                        continue
+                    try:
+                        yield paired.words(paired.compare(summary, x, y, setting, metric, seeds))
+                    except (SystemExit, KeyError):  # not paired there, not over those seeds, or an older summary
+                        continue
