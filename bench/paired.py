@@ -20,6 +20,10 @@ summary gains seeds. Over every shared seed it is the summary's entry exactly; a
 error. ``--setting`` picks the setting when a summary holds several; ``--json`` prints the same as JSON.
 ``--metric kl`` pairs the rows' KL to the teacher instead (on the same tokens; lower is better, so "ahead" means a
 lower KL), which moves less from seed to seed than the perplexity does; its line reads ``A against B in KL: ...``.
+``--gain C D`` (with one ``B``) asks whether a change helps one method more than another: A's gain over B against
+C's gain over D, per seed, over the seeds all four ran; its line reads ``A over B against C over D: ahead at W of N
+seeds, by M ± SE``, ahead where A's gain is the larger (the norms for zsaq against the norms for ``self_sample``:
+``A`` zsaq with them, ``B`` without, ``C`` and ``D`` likewise).
 """
 
 from __future__ import annotations
@@ -99,6 +103,48 @@ def over_seeds(summary: dict, entry: dict, seeds: list[str]) -> dict:
     return q
 
 
+def gain(
+    summary: dict, a: str, b: str, c: str, d: str, setting: str | None = None, metric: str = "dppl",
+    seeds: list[str] | None = None,
+) -> dict:
+    """Row ``a``'s gain over ``b`` against ``c``'s over ``d``, seed by seed: does a change help one method more?
+
+    Per seed, ``a - b`` and ``c - d`` (negative: the first row lower) become two rows of their own, paired as
+    ``compare`` pairs rows: ``mean`` is (c - d) - (a - b), positive where a's gain over b is the larger, and the
+    wins are the seeds at which it is. Over the seeds all four rows ran, or over ``seeds``.
+    """
+    if metric not in METRICS:
+        raise SystemExit(f"unknown metric {metric!r}: one of {', '.join(METRICS)}")
+    settings = {r["setting"] for r in summary["rows"] if r["method"] == a and setting in (None, r["setting"])}
+    if len(settings) != 1:
+        raise SystemExit(f"{a!r} is in {len(settings)} settings of the summary: pass --setting" if settings else
+                         f"no row {a!r} in the summary")
+    (setting,) = settings
+    by = {r["method"]: r for r in summary["rows"] if r["setting"] == setting}
+    for name in (b, c, d):
+        if name not in by:
+            raise SystemExit(f"no row {name!r} in the summary; its rows: {sorted(by)}")
+    if seeds is None:
+        seeds = sorted(set.intersection(*(set(by[n]["seeds"]) for n in (a, b, c, d))))
+        if not seeds:
+            raise SystemExit(f"{a!r}, {b!r}, {c!r} and {d!r} share no seed in the summary")
+    for n in (a, b, c, d):
+        missing = [s for s in seeds if s not in by[n]["seeds"]]
+        if missing:
+            raise SystemExit(f"seed {missing[0]}: {n!r} did not run it; its seeds: {', '.join(by[n]['seeds'])}")
+
+    def minus(x: str, y: str) -> dict:
+        row = {"setting": setting, "method": f"{x} over {y}",
+               "seeds": {s: by[x]["seeds"][s] - by[y]["seeds"][s] for s in seeds}}
+        if "seeds_kl" in by[x] and "seeds_kl" in by[y]:
+            row["seeds_kl"] = {s: by[x]["seeds_kl"][s] - by[y]["seeds_kl"][s] for s in seeds}
+        return row
+
+    first, second = minus(a, b), minus(c, d)
+    two = {"rows": [first, second], "paired": [{"setting": setting, "a": first["method"], "b": second["method"]}]}
+    return compare(two, first["method"], second["method"], setting, metric, seeds)
+
+
 def words(c: dict) -> str:
     """``ahead at W of N seeds, by M ± SE`` (``... but behind on average, by ...`` when the mean is against A).
 
@@ -119,12 +165,19 @@ def main() -> None:
     p.add_argument("b", nargs="+", help="the rows to pair it with")
     p.add_argument("--setting", help="the setting (needed when the rows are paired in several)")
     p.add_argument("--seeds", nargs="+", help="pair over these seeds only (default: every seed both rows ran)")
+    p.add_argument("--gain", nargs=2, metavar=("C", "D"),
+                   help="A's gain over B (one B) against C's gain over D, seed by seed")
     p.add_argument("--json", action="store_true", help="print JSON instead of sentences")
     p.add_argument("--metric", choices=list(METRICS), default="dppl",
                    help="pair the perplexity increase (default) or the KL to the teacher")
     args = p.parse_args()
     summary = json.loads(args.summary.read_text())
-    found = [compare(summary, args.a, b, args.setting, args.metric, args.seeds) for b in args.b]
+    if args.gain and len(args.b) != 1:
+        raise SystemExit("--gain C D compares A's gain over one row B with C's over D: pass one B")
+    if args.gain:
+        found = [gain(summary, args.a, args.b[0], *args.gain, args.setting, args.metric, args.seeds)]
+    else:
+        found = [compare(summary, args.a, b, args.setting, args.metric, args.seeds) for b in args.b]
     if args.json:
         print(json.dumps(found, indent=1))
         return

@@ -607,3 +607,42 @@ def _pairs(paired, summaries, setting, a, b, metric, seed_lists):
                         yield paired.words(paired.compare(summary, x, y, setting, metric, seeds))
                     except (SystemExit, KeyError):  # not paired there, not over those seeds, or an older summary
                         continue
+
+
+def test_paired_gain_pairs_one_change_s_gain_for_two_methods_seed_by_seed(tmp_path, capsys, monkeypatch):
+    """zsaq's gain from a lever against self_sample's from the same lever. Per seed zsaq with it minus without:
+    -0.4, -0.2, -0.3; self_sample likewise: -0.1, +0.1, -0.1; the second minus the first: 0.3, 0.3, 0.2 (mean
+    0.2667, sd 0.05774, se 0.03333). Seed 3, where only the zsaq rows ran, is left out."""
+    seeds, paired = _load("seeds"), _load("paired")
+    fp = {"setting": "fp", "method": "fp", "dppl": 0.0}
+
+    def row(method, dppl, kl=0.2):
+        r = _row(method, 4, False, "self-generated (zero-shot)", 10.0 + dppl, kl, 0.77)
+        return {**r, "setting": "w4", "sam_space": "quantized"}
+
+    per_seed = {0: (2.4, 2.8, 2.6, 2.7), 1: (2.5, 2.7, 2.6, 2.5), 2: (2.6, 2.9, 2.7, 2.8)}
+    runs = [_quality_run(tmp_path / f"s{s}.json", s, [fp, row("zsaq lever", zl, 0.17 + s / 100), row("zsaq", z),
+                                                      row("self_sample lever", ql), row("self_sample", q)])
+            for s, (zl, z, ql, q) in per_seed.items()]
+    runs.append(_quality_run(tmp_path / "s3.json", 3, [fp, row("zsaq lever", 1.0), row("zsaq", 5.0)]))
+    summary = seeds.summarise(runs, set(), "quantized")
+    zl, z, ql, q = (f"{m}, SAM quantized" for m in ("zsaq lever", "zsaq", "self_sample lever", "self_sample"))
+    g = paired.gain(summary, zl, z, ql, q)
+    assert (g["a"], g["b"]) == (f"{zl} over {z}", f"{ql} over {q}")
+    assert (g["seeds"], g["a_wins"], g["verdict"]) == (3, 3, "ahead")
+    assert g["mean"] == pytest.approx(0.8 / 3) and g["se"] == pytest.approx(0.057735 / 3 ** 0.5, abs=1e-6)
+    back = paired.gain(summary, ql, q, zl, z)  # the other way round: the same gap, turned
+    assert back["mean"] == pytest.approx(-0.8 / 3) and (back["a_wins"], back["verdict"]) == (0, "behind")
+    kl = paired.gain(summary, zl, z, ql, q, metric="kl")  # zsaq's lever: KL -0.03, -0.02, -0.01; self_sample's 0
+    assert kl["mean"] == pytest.approx(0.02) and kl["a_wins"] == 3
+    assert paired.gain(summary, zl, z, ql, q, seeds=["0", "1"])["mean"] == pytest.approx(0.3)
+    with pytest.raises(SystemExit, match=r"seed 3: 'self_sample lever, SAM quantized' did not run it"):
+        paired.gain(summary, zl, z, ql, q, seeds=["0", "3"])
+    (tmp_path / "sum.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(sys, "argv", ["paired.py", str(tmp_path / "sum.json"), zl, z, "--gain", ql, q])
+    paired.main()
+    assert capsys.readouterr().out.strip() == (f"{zl} over {z} against {ql} over {q}: ahead at 3 of 3 seeds, by "
+                                               "0.27 ± 0.03 (ahead)")
+    monkeypatch.setattr(sys, "argv", ["paired.py", str(tmp_path / "sum.json"), zl, z, q, "--gain", ql, q])
+    with pytest.raises(SystemExit, match="pass one B"):
+        paired.main()
