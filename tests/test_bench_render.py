@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import re
 import sys
@@ -595,18 +596,22 @@ def test_every_pair_quoted_in_bench_readme_is_reproduced_from_a_summary():
 
 
 def _pairs(paired, summaries, setting, a, b, metric, seed_lists):
-    """The words of every pair ``a`` against ``b`` could stand for, in every summary, over each seed list."""
+    """The words of every pair ``a`` against ``b`` could stand for, in every summary, over each seed list; a line
+    ``A over B against C over D`` is ``--gain``'s."""
+    names = a.split(" over ") + b.split(" over ") if " over " in a and " over " in b else [a, b]
     for summary in summaries:
         methods = sorted({r["method"] for r in summary["rows"] if setting in (None, r["setting"])})
-        for x in [a] if a in methods else methods:
-            for y in [b] if b in methods else methods:
-                for seeds in seed_lists:
-                    if x == y:
-                        continue
-                    try:
-                        yield paired.words(paired.compare(summary, x, y, setting, metric, seeds))
-                    except (SystemExit, KeyError):  # not paired there, not over those seeds, or an older summary
-                        continue
+        for rows in itertools.product(*([n] if n in methods else methods for n in names)):
+            if len(set(rows)) < len(rows):
+                continue
+            for seeds in seed_lists:
+                try:
+                    if len(rows) == 4:
+                        yield paired.words(paired.gain(summary, *rows, setting, metric, seeds))
+                    else:
+                        yield paired.words(paired.compare(summary, *rows, setting, metric, seeds))
+                except (SystemExit, KeyError):  # not paired there, not over those seeds, or an older summary
+                    continue
 
 
 def test_paired_gain_pairs_one_change_s_gain_for_two_methods_seed_by_seed(tmp_path, capsys, monkeypatch):
