@@ -85,10 +85,7 @@ def over_seeds(summary: dict, entry: dict, seeds: list[str]) -> dict:
     """The summary's pair ``entry`` computed again over ``seeds`` alone, as ``bench/seeds.py`` computes it."""
     by = {r["method"]: r for r in summary["rows"] if r["setting"] == entry["setting"]}
     ra, rb = by[entry["a"]], by[entry["b"]]
-    for s in seeds:
-        for r in (ra, rb):
-            if s not in r["seeds"]:
-                raise SystemExit(f"seed {s}: {r['method']!r} did not run it; its seeds: {', '.join(r['seeds'])}")
+    require_seeds((ra, rb), seeds)
     shared = sorted(set(seeds))  # the order bench/seeds.py sums in, so all shared seeds give its entry bit for bit
     q = {
         "setting": entry["setting"],
@@ -101,6 +98,14 @@ def over_seeds(summary: dict, entry: dict, seeds: list[str]) -> dict:
     if "seeds_kl" in ra and "seeds_kl" in rb:  # summaries written before per-seed KL have none
         q["kl"] = summaries.differences(ra["seeds_kl"], rb["seeds_kl"], shared)
     return q
+
+
+def require_seeds(rows, seeds: list[str]) -> None:
+    """Stop, naming the row and the seed, where one of ``rows`` (summary rows) did not run one of ``seeds``."""
+    for s in seeds:
+        for r in rows:
+            if s not in r["seeds"]:
+                raise SystemExit(f"seed {s}: {r['method']!r} did not run it; its seeds: {', '.join(r['seeds'])}")
 
 
 def gain(
@@ -128,10 +133,7 @@ def gain(
         seeds = sorted(set.intersection(*(set(by[n]["seeds"]) for n in (a, b, c, d))))
         if not seeds:
             raise SystemExit(f"{a!r}, {b!r}, {c!r} and {d!r} share no seed in the summary")
-    for n in (a, b, c, d):
-        missing = [s for s in seeds if s not in by[n]["seeds"]]
-        if missing:
-            raise SystemExit(f"seed {missing[0]}: {n!r} did not run it; its seeds: {', '.join(by[n]['seeds'])}")
+    require_seeds([by[n] for n in (a, b, c, d)], seeds)
 
     def minus(x: str, y: str) -> dict:
         row = {"setting": setting, "method": f"{x} over {y}",

@@ -102,7 +102,7 @@ ROWS = {
     "zsaq block-warmup norm_lr=1e-4": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.norm_lr=1e-4"],
     # ... and at ten times that again: does the norms' gain at W4 g64 asym grow with their lr?
     "zsaq block-warmup norm_lr=1e-3": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.norm_lr=1e-3"],
-    # the issue's two ablations on the norms' recipe (the best row at W4 g64 asym): do SAM and the ascent help there?
+    # the issue's two ablations on the norms' recipe (then the best row at W4 g64 asym): do SAM and the ascent help?
     "zsaq block-warmup rho=0 norm_lr=1e-4": ["method.name=zsaq", "method.block_warmup_steps=BLOCK", "method.rho=0",
                                              "method.norm_lr=1e-4"],
     "zsaq block-warmup ascent=false norm_lr=1e-4": ["method.name=zsaq", "method.block_warmup_steps=BLOCK",

@@ -98,7 +98,7 @@ def _lever(
             for s, f, h in settings for claim, against, ref in pairs]
 
 
-NORMS_1E4 = f"zsaq block-warmup norm_lr=1e-4 {POOL}"  # the norms' lever, at two pairs
+NORMS_1E4 = f"zsaq block-warmup norm_lr=1e-4 {POOL}"  # the norms' lever, in three of the levers below
 
 
 def _norms_note(lr: str) -> str:
