@@ -151,6 +151,12 @@ def predictions(tokens: int, seq_len: int) -> int:
     return full * (seq_len - 1) + (rest - 1 if rest >= 2 else 0)
 
 
+def source_record(path: Path, res: dict) -> dict:
+    """What a re-scored file says of the run it scored: its file, command, date and the machine that trained it
+    (the file's own ``machine`` is the one that scored it; ``bench/seeds.py`` reads this one)."""
+    return {"file": str(path), "command": res["command"], "date": res["date"], "machine": res["machine"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True, help="bench/quality.py result files")
@@ -232,7 +238,7 @@ def main() -> None:
                 "date": dt.date.today().isoformat(),
                 "command": command,
                 "seed": seed_of(res["command"]),
-                "source": {"file": str(path), "command": res["command"], "date": res["date"]},
+                "source": source_record(path, res),
                 "teacher": res["teacher"],
                 "budget": {**res["budget"], "eval_tokens": int(hi), **({"eval_from_token": int(lo)} if lo else {})},
                 "eval_text": {

@@ -92,20 +92,59 @@ def label(row: dict, latent_file: bool, default_space: str, pool: int | None = N
     return f"{method}, SAM {space}"
 
 
+def trained_on(result: dict, path: Path) -> str:
+    """The machine that trained the run in ``result`` (read from ``path``).
+
+    A ``bench/quality.py`` file's own ``machine``. A ``bench/reeval.py`` file records the machine that scored it, and
+    its ``source`` the run it scored: that run's machine, named in ``source`` or read from the source's file.
+    """
+    source = result.get("source")
+    if not source:
+        return result["machine"]
+    if source.get("machine"):
+        return source["machine"]
+    origin = ROOT / source["file"]
+    if not origin.exists():
+        raise SystemExit(f"{path} re-scores {source['file']}, which is missing: the machine that trained it is read "
+                         "from there (restore the file, or leave the run out)")
+    return json.loads(origin.read_text())["machine"]
+
+
+def machines(sources: list[dict]) -> str:
+    """The machines that trained a summary's runs, each once, in the order the runs came: ``"A; B"``."""
+    return "; ".join(dict.fromkeys(s["machine"] for s in sources))
+
+
 def summarise(
-    runs: list[Path], latent: set[Path], default_space: str, pool_label: bool = False, steps_label: bool = False
+    runs: list[Path],
+    latent: set[Path],
+    default_space: str,
+    pool_label: bool = False,
+    steps_label: bool = False,
+    one_machine: bool = False,
 ) -> dict:
+    """Rows per (setting, label) over seeds, their pairs, and each run's source.
+
+    ``one_machine``: every run must have trained on the first run's machine (another CPU rounds otherwise, and its
+    teacher can sample other seed sequences), else ``SystemExit`` names the run and both machines.
+    """
     groups: dict[tuple[str, str], dict[int, dict]] = {}
     sources = []
     for path in runs:
         result = json.loads(path.read_text())
         seed = result["seed"] if "seed" in result else seed_of(result["command"])  # bench/reeval.py names it
+        machine = trained_on(result, path)
+        if one_machine and sources and machine != sources[0]["machine"]:
+            raise SystemExit(f"{path} was trained on {machine}, but {sources[0]['file']} on {sources[0]['machine']}: "
+                             "--one-machine takes the runs of one machine (leave it off to mix machines)")
         sources.append(
             {
                 "file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
                 "seed": seed,
                 "command": result["command"],
                 "date": result["date"],
+                "machine": machine,
+                **({"scored_on": result["machine"]} if result.get("source") else {}),
             }
         )
         pool = result["budget"]["num_sequences"] if pool_label else None
@@ -249,6 +288,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", help="the row the note pairs every other row with (default: the default zsaq row)")
     p.add_argument("--pool-label", action="store_true", help="label every trained row with its run's seed pool")
     p.add_argument("--steps-label", action="store_true", help="label every trained row with its run's game steps")
+    p.add_argument("--one-machine", action="store_true",
+                   help="refuse runs trained on another machine than the first run's (their rounding differs)")
     p.add_argument("--again", type=Path, metavar="SUMMARY",
                    help="write SUMMARY again with the command stored in it (its --runs, --latent, --out, ...)")
     p.add_argument("--add", nargs="+", default=[], metavar="RUN",
@@ -266,7 +307,7 @@ def again_argv(summary: Path, add: list[str]) -> list[str]:
     runs = ns.runs + [r for r in add if r not in ns.runs]
     argv = ["--runs", *runs] + (["--latent", *ns.latent] if ns.latent else []) + ["--out", ns.out]
     argv += (["--ref", ns.ref] if ns.ref else []) + (["--pool-label"] if ns.pool_label else [])
-    return argv + (["--steps-label"] if ns.steps_label else [])
+    return argv + (["--steps-label"] if ns.steps_label else []) + (["--one-machine"] if ns.one_machine else [])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -286,13 +327,13 @@ def main(argv: list[str] | None = None) -> None:
 
     runs = [Path(r).resolve() for r in args.runs]
     latent = {Path(r).resolve() for r in args.latent}
-    result = summarise(runs, latent, MethodCfg().sam_space, args.pool_label, args.steps_label)
+    result = summarise(runs, latent, MethodCfg().sam_space, args.pool_label, args.steps_label, args.one_machine)
     first = json.loads(runs[0].read_text())
     # what the row names carry instead
     labelled = ({"num_sequences"} if args.pool_label else set()) | ({"steps"} if args.steps_label else set())
     budget = {k: v for k, v in (first.get("budget") or {}).items() if k not in labelled}
     result = {
-        "machine": first["machine"],
+        "machine": machines(result["sources"]),  # every machine that trained a run, not just the first run's
         "date": max(s["date"] for s in result["sources"]),
         "command": shlex.join(["python", "bench/seeds.py", *argv]),
         "budget": budget or None,

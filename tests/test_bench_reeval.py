@@ -139,3 +139,10 @@ def test_a_finished_evaluation_is_reused_and_a_stale_or_killed_one_is_not(reeval
     log.write_text("Loading weights: 100%\neval:  40%")  # killed before it printed its result
     assert reeval.cached(log, str(ckpt), ckpt / "zsaq_report.json", 512) is None
     assert reeval.cached(tmp_path / "missing.log", str(ckpt), ckpt / "zsaq_report.json", 512) is None
+
+
+def test_a_rescored_file_names_the_machine_that_trained_its_run(reeval, tmp_path):
+    run = tmp_path / "run.json"
+    res = {"command": "python bench/quality.py --set method.seed=3", "date": "2026-12-07", "machine": "vm (EPYC)"}
+    assert reeval.source_record(run, res) == {"file": str(run), "command": res["command"], "date": "2026-12-07",
+                                              "machine": "vm (EPYC)"}

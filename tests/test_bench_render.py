@@ -195,6 +195,44 @@ def test_seeds_summarises_runs_per_method_with_where_sam_perturbed(tmp_path):
     assert next(r for r in again["rows"] if r["method"] == "zsaq rho=0")["seeds"].keys() == {"0", "1"}
 
 
+def test_seeds_records_the_machine_that_trained_each_run_and_holds_a_summary_to_one_on_request(tmp_path):
+    """Runs on two CPUs round otherwise (their seed sets can differ): each source names the machine that trained it,
+    a re-scored run (bench/reeval.py) the one its source run trained on, and ``--one-machine`` refuses a mix."""
+    seeds = _load("seeds")
+    fp = {"setting": "fp", "method": "fp", "dppl": 0.0}
+    zsaq = {**_row("zsaq", 4, False, "self-generated (zero-shot)", 12.5, 0.2, 0.77), "setting": "w4"}
+    a = _quality_run(tmp_path / "a.json", 0, [fp, zsaq])
+    b = _quality_run(tmp_path / "b.json", 1, [fp, {**zsaq, "ppl": 12.7, "dppl": 2.7}])
+    b.write_text(json.dumps(json.loads(b.read_text()) | {"machine": "n"}))
+    # b re-scored on machine m: bench/reeval.py's file, naming its source run, which recorded the training machine
+    source = {"file": str(b), "command": "python bench/quality.py --set method.seed=1", "date": "2026-11-21"}
+    r = tmp_path / "r.json"
+    r.write_text(json.dumps(json.loads(b.read_text()) | {"machine": "m", "command": "python bench/reeval.py",
+                                                           "seed": 1, "source": source}))
+    out = seeds.summarise([a, r], set(), "quantized")
+    assert [(s["machine"], s.get("scored_on")) for s in out["sources"]] == [("m", None), ("n", "m")]
+    assert seeds.machines(out["sources"]) == "m; n"
+    with pytest.raises(SystemExit, match=r"r\.json was trained on n, .*a\.json on m"):
+        seeds.summarise([a, r], set(), "quantized", one_machine=True)
+    # a re-scored file that names its source's machine (bench/reeval.py writes it) is taken at its word
+    r.write_text(json.dumps(json.loads(r.read_text()) | {"source": {**source, "machine": "m"}}))
+    assert seeds.machines(seeds.summarise([a, r], set(), "quantized", one_machine=True)["sources"]) == "m"
+    # one whose source run is gone, and which does not name the machine, is an error that names the file
+    r.write_text(json.dumps(json.loads(r.read_text()) | {"source": {**source, "file": str(tmp_path / "gone.json")}}))
+    with pytest.raises(SystemExit, match="gone.json"):
+        seeds.summarise([r], set(), "quantized")
+    # the CLI: --one-machine is stored in the summary's command, so --again keeps it
+    out_path = tmp_path / "sum.json"
+    with pytest.raises(SystemExit, match="b.json was trained on n"):
+        seeds.main(["--runs", str(a), str(b), "--out", str(out_path), "--one-machine"])
+    seeds.main(["--runs", str(a), "--out", str(out_path), "--one-machine"])
+    written = json.loads(out_path.read_text())
+    assert written["machine"] == "m" and "--one-machine" in written["command"]
+    assert "--one-machine" in seeds.again_argv(out_path, [str(b)])
+    with pytest.raises(SystemExit, match="b.json was trained on n"):
+        seeds.main(["--again", str(out_path), "--add", str(b)])
+
+
 def test_seeds_labels_small_rho_as_sam_and_notes_ties_per_setting(tmp_path):
     seeds = _load("seeds")
     fp = {"setting": "fp", "method": "fp", "dppl": 0.0}
