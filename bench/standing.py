@@ -67,6 +67,9 @@ W4A8, W4A8_HELD = "quality_cpu-40steps-block-w4a8-pool-seeds.json", \
     "quality_cpu-40steps-block-w4a8-pool128-after4096-16384-seeds.json"
 W4SYM, W4SYM_HELD = "quality_cpu-40steps-block-w4g64-pool-seeds.json", \
     "quality_cpu-40steps-block-w4g64-pool128-after4096-16384-seeds.json"
+# the runs the AMD EPYC trained at W4 g64 asym (bench/seeds.py --one-machine): the norms' recipe and its ablations
+W4_EPYC, W4_EPYC_HELD = "quality_cpu-40steps-block-w4g64-asym-epyc-pool-seeds.json", \
+    "quality_cpu-40steps-block-w4g64-asym-epyc-pool128-after4096-16384-seeds.json"
 # the default and its SAM ablation at 40 and 80 game steps, one summary with the game's length in the row names
 W4_STEPS, W4_STEPS_HELD = "quality_cpu-block-w4g64-asym-pool128-steps-seeds.json", \
     "quality_cpu-block-w4g64-asym-pool128-steps-after4096-16384-seeds.json"
@@ -143,18 +146,18 @@ TARGETS = [
             settings=SETTINGS[2:]),
     # ... and the norms alone over the default, norm_lr 1e-4 ("The norms alone at norm_lr 1e-4"), and at W4 g64 asym
     # against self_sample with the same norms ("The norms' fair pair, and ten times their lr") and against the two
-    # ablations with them ("SAM and the ascent on the norms' recipe")
+    # ablations with them, all three trained on the EPYC ("SAM and the ascent on the norms' recipe on one machine")
     *_lever("zsaq norms 1e-4", NORMS_1E4, _norms_note("1e-4"), VS_SELF_SAMPLE),
     *_lever("zsaq norms 1e-4", NORMS_1E4, _norms_note("1e-4"),
             (("beats `self_sample`", ", `self_sample` with the same norms", f"self_sample block-warmup norm_lr=1e-4 {POOL}"),),
             settings=SETTINGS[2:]),
     *_lever("zsaq norms 1e-4", NORMS_1E4,
-            _norms_note("1e-4") + "; the ablations ran on another CPU (AMD EPYC), whose seed sequences differ from "
-            "zsaq's at 2 of the 4 seeds (3 and 5)",
+            _norms_note("1e-4") + "; zsaq and both ablations trained on one CPU (AMD EPYC; bench/seeds.py "
+            "--one-machine)",
             (("SAM helps (`rho=0` worse)", ", the ablation too", "zsaq block-warmup rho=0 norm_lr=1e-4 pool=128"),
              ("the ascent helps (`ascent=false` worse)", ", the ablation too",
               f"zsaq block-warmup ascent=false norm_lr=1e-4 {POOL}")),
-            settings=SETTINGS[2:]),
+            settings=(("W4 g64 asym", W4_EPYC, W4_EPYC_HELD),)),
     # ... and the norms at norm_lr 1e-3, at W4 g64 asym only (the same section)
     *_lever("zsaq norms 1e-3", f"zsaq block-warmup norm_lr=1e-3 {POOL}", _norms_note("1e-3"), VS_SELF_SAMPLE,
             settings=SETTINGS[2:]),
