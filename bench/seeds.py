@@ -16,6 +16,9 @@ name does not say so gets `` margin=M``; one trained on new seed sequences every
 (``fresh_per_epoch``) gets `` fresh``. With ``--pool-label`` every trained row also gets its run's seed pool,
 `` pool=N`` (``budget.num_sequences``; per pass with ``fresh``), so runs that differ in it are told apart; with
 ``--steps-label`` its game's length, `` steps=N`` (``budget.steps``), so one summary pairs a longer game with a shorter.
+Each source names the machine that trained its run (``machine``; for a ``bench/reeval.py`` file, its source run's,
+and ``scored_on``), and the summary's ``machine`` lists them all; ``--one-machine`` refuses a run from a second
+machine, whose rounding (and at some seeds its teacher's seed sequences) differs.
 
 Writes a ``quality``-style JSON (so ``bench/render.py`` shows it): one row per method with the mean
 of ``ppl``, ``dppl``, ``kl``, ``top1``, ``seconds`` (and ``train_kl`` where every seed has it) over seeds,
