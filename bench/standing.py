@@ -67,7 +67,8 @@ W4A8, W4A8_HELD = "quality_cpu-40steps-block-w4a8-pool-seeds.json", \
     "quality_cpu-40steps-block-w4a8-pool128-after4096-16384-seeds.json"
 W4SYM, W4SYM_HELD = "quality_cpu-40steps-block-w4g64-pool-seeds.json", \
     "quality_cpu-40steps-block-w4g64-pool128-after4096-16384-seeds.json"
-# the runs the AMD EPYC trained at W4 g64 asym (bench/seeds.py --one-machine): the norms' recipe and its ablations
+# the runs the AMD EPYC trained at W4 g64 asym (bench/seeds.py --one-machine): the default recipe and the norms' recipe,
+# each with its ablations
 W4_EPYC, W4_EPYC_HELD = "quality_cpu-40steps-block-w4g64-asym-epyc-pool-seeds.json", \
     "quality_cpu-40steps-block-w4g64-asym-epyc-pool128-after4096-16384-seeds.json"
 # the default and its SAM ablation at 40 and 80 game steps, one summary with the game's length in the row names
@@ -121,6 +122,13 @@ TARGETS = [
           ("SAM helps (`rho=0` worse)", NO_SAM, ""),
           ("the ascent helps (`ascent=false` worse)", f"zsaq block-warmup ascent=false {POOL}", ""))
       for s, f, h in BENCH_SETTINGS),
+    # the same three pairs at W4 g64 asym with every row trained on one CPU (bench/README.md, "The default recipe on
+    # one machine"): the summaries above mix the Xeon's runs with runs that recorded no CPU
+    *(Target(claim, "W4 g64 asym, one CPU", "paired", W4_EPYC, ZSAQ, ref, held_out=W4_EPYC_HELD,
+             note="zsaq and the other row trained on the AMD EPYC (bench/seeds.py --one-machine)")
+      for claim, ref in (("beats `self_sample`", f"self_sample block-warmup {POOL}"),
+                         ("SAM helps (`rho=0` worse)", NO_SAM),
+                         ("the ascent helps (`ascent=false` worse)", f"zsaq block-warmup ascent=false {POOL}"))),
     # not the default: the game's lr at 2e-5 instead of 5e-5 (bench/README.md, "A gentler game at W4", "... at
     # W4A8" and "... at W3")
     *_lever("zsaq at game lr 2e-5", ZSAQ_LR, "game lr 2e-5 is not the default (5e-5)", (
