@@ -123,7 +123,7 @@ TARGETS = [
           ("the ascent helps (`ascent=false` worse)", f"zsaq block-warmup ascent=false {POOL}", ""))
       for s, f, h in BENCH_SETTINGS),
     # the same three pairs at W4 g64 asym with every row trained on one CPU (bench/README.md, "The default recipe on
-    # one machine"): the summaries above mix the Xeon's runs with runs that recorded no CPU
+    # one machine"): the default's runs in the summaries above (2026-11-24 to 12-03) recorded no CPU
     *(Target(claim, "W4 g64 asym, one CPU", "paired", W4_EPYC, ZSAQ, ref, held_out=W4_EPYC_HELD,
              note="zsaq and the other row trained on the AMD EPYC (bench/seeds.py --one-machine)")
       for claim, ref in (("beats `self_sample`", f"self_sample block-warmup {POOL}"),
